@@ -1,0 +1,161 @@
+"""The DICOM SCP: a pynetdicom AE serving C-ECHO and C-STORE (PS3.4 Annexes A and B).
+
+``Scp`` is what ``runscp`` runs and what the tests start on a free port. Each association
+runs in its own thread; its database connection is closed when it ends, and one log line
+says what it did.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+
+from django.db import connection
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+
+from archive.dimse.store import AssociationStats, InFlight, handle_store
+
+log = logging.getLogger("archive.dimse")
+
+# Receive C-STORE datasets straight into a file (event.dataset_path): only the header is
+# parsed, the pixel data is never decoded.
+_config.STORE_RECV_CHUNKED_DATASET = True
+
+
+class PacsAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, with TCP_NODELAY on every connection and, for
+    several worker processes, SO_REUSEPORT so that they share the port."""
+
+    reuse_port = False
+
+    def server_bind(self) -> None:
+        if self.reuse_port:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    def get_request(self):  # type: ignore[override]
+        request, address = super().get_request()
+        try:
+            request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        return request, address
+
+
+class ReusePortServer(PacsAssociationServer):
+    reuse_port = True
+
+
+class Scp:
+    """The archive's SCP. ``start()`` listens; ``stop()`` finishes the stores in flight."""
+
+    def __init__(
+        self,
+        ae_title: str,
+        port: int,
+        bind: str = "0.0.0.0",
+        max_associations: int = 32,
+        allowed_calling_aets: list[str] | None = None,
+        reuse_port: bool = False,
+        max_pdu_size: int = 0,
+    ) -> None:
+        self.ae_title = ae_title
+        self.address = (bind, port)
+        self.reuse_port = reuse_port
+        self.in_flight = InFlight()
+        self._stats: dict[int, AssociationStats] = {}
+        self._stats_lock = threading.Lock()
+        self.server: PacsAssociationServer | None = None
+
+        ae = AE(ae_title=ae_title)
+        ae.require_called_aet = True
+        ae.maximum_associations = max_associations
+        ae.maximum_pdu_size = max_pdu_size
+        if allowed_calling_aets:
+            ae.require_calling_aet = allowed_calling_aets
+        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES[:3])
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        self.ae = ae
+
+    @property
+    def port(self) -> int:
+        """The port actually bound (useful when started on port 0)."""
+        assert self.server is not None, "not started"
+        return int(self.server.server_address[1])
+
+    def handlers(self) -> list:
+        return [
+            (evt.EVT_C_STORE, handle_store, [self.stats_for, self.in_flight]),
+            (evt.EVT_RELEASED, self._ended, ["released"]),
+            (evt.EVT_ABORTED, self._ended, ["aborted"]),
+            (evt.EVT_REJECTED, self._rejected),
+        ]
+
+    def stats_for(self, assoc: Association) -> AssociationStats:
+        """Return the counters of ``assoc``, created on its first store."""
+        with self._stats_lock:
+            stats = self._stats.get(id(assoc))
+            if stats is None:
+                requestor = assoc.requestor
+                stats = AssociationStats(str(requestor.ae_title).strip(), f"{requestor.address}:{requestor.port}")
+                self._stats[id(assoc)] = stats
+            return stats
+
+    def _ended(self, event: evt.Event, how: str) -> None:
+        with self._stats_lock:
+            stats = self._stats.pop(id(event.assoc), None)
+        requestor = event.assoc.requestor
+        if stats is None:
+            stats = AssociationStats(str(requestor.ae_title).strip(), f"{requestor.address}:{requestor.port}")
+        log.info(
+            "association %s: calling AE %s from %s, %d stored, %d duplicates, %d failed",
+            how,
+            stats.calling_ae,
+            stats.address,
+            stats.stored,
+            stats.duplicates,
+            stats.failed,
+        )
+        if threading.current_thread() is event.assoc:
+            connection.close()  # the association's thread is ending; its connection goes too
+
+    def _rejected(self, event: evt.Event) -> None:
+        requestor = event.assoc.requestor
+        log.warning(
+            "association rejected: calling AE %s from %s:%s called %s",
+            str(requestor.ae_title).strip(),
+            requestor.address,
+            requestor.port,
+            str(event.assoc.acceptor.ae_title).strip(),
+        )
+
+    def start(self) -> None:
+        """Bind and serve in a background thread."""
+        server_class = ReusePortServer if self.reuse_port else PacsAssociationServer
+        self.server = self.ae.make_server(self.address, evt_handlers=self.handlers(), server_class=server_class)
+        self.ae._servers.append(self.server)
+        thread = threading.Thread(target=self.server.serve_forever, name="scp-acceptor", daemon=True)
+        thread.start()
+        log.info("SCP %s listening on %s:%d", self.ae_title, self.address[0], self.port)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop accepting, let associations finish for up to ``timeout`` seconds, then abort
+        the rest once no store is in flight. A store in flight always completes."""
+        if self.server is None:
+            return
+        server = self.server
+        server.shutdown()  # stops accepting and closes the listening socket
+        deadline = time.monotonic() + timeout
+        while server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.in_flight.wait_idle(max(0.0, deadline - time.monotonic()) + 60)
+        for assoc in server.active_associations:
+            assoc.abort()
+        self.in_flight.wait_idle(60)
+        self.server = None

@@ -1,0 +1,100 @@
+"""C-STORE SCP handler (PS3.4 Annex B): hands the received file to the ingest service."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+
+from pydicom.dataset import Dataset
+from pynetdicom import events
+
+from archive.dimse import status
+from archive.ingest import Expected, Outcome, Source, ingest_file
+
+log = logging.getLogger("archive.dimse")
+
+STATUS_FOR = {
+    Outcome.STORED: status.SUCCESS,
+    # Modalities retry or raise an alarm on warnings; a kept duplicate is not their problem.
+    Outcome.DUPLICATE: status.SUCCESS,
+    Outcome.REJECTED: status.CANNOT_UNDERSTAND,
+    Outcome.MISMATCH: status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    Outcome.OUT_OF_RESOURCES: status.OUT_OF_RESOURCES,
+    Outcome.FAILED: status.PROCESSING_FAILURE,
+}
+
+
+@dataclass
+class AssociationStats:
+    """What one association did, for its closing log line."""
+
+    calling_ae: str
+    address: str
+    stored: int = 0
+    duplicates: int = 0
+    failed: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def count(self, outcome: Outcome) -> None:
+        with self.lock:
+            if outcome is Outcome.STORED:
+                self.stored += 1
+            elif outcome is Outcome.DUPLICATE:
+                self.duplicates += 1
+            else:
+                self.failed += 1
+
+
+class InFlight:
+    """Counts C-STORE handlers running, so that a stop can wait for them to finish."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._idle = threading.Condition()
+
+    def __enter__(self) -> None:
+        with self._idle:
+            self._count += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._idle:
+            self._count -= 1
+            if self._count == 0:
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._idle:
+            return self._idle.wait_for(lambda: self._count == 0, timeout)
+
+
+def source_of(event: events.Event) -> Source:
+    requestor = event.assoc.requestor
+    return Source(channel="dimse", ae_title=str(requestor.ae_title).strip(), address=str(requestor.address))
+
+
+def handle_store(event: events.Event, stats_for, in_flight: InFlight) -> int | Dataset:
+    """EVT_C_STORE: store the dataset pynetdicom wrote to ``event.dataset_path``."""
+    with in_flight:
+        request = event.request
+        expected = Expected(
+            sop_class_uid=str(request.AffectedSOPClassUID or ""),
+            sop_instance_uid=str(request.AffectedSOPInstanceUID or ""),
+        )
+        result = ingest_file(event.dataset_path, source_of(event), take=True, expected=expected)
+        stats_for(event.assoc).count(result.outcome)
+        code = STATUS_FOR[result.outcome]
+        if result.outcome in (Outcome.STORED, Outcome.DUPLICATE):
+            log.debug("stored %s (%s)", result.sop_instance_uid, result.outcome.value)
+            return code
+        log.warning(
+            "C-STORE from %s failed (0x%04X): %s [SOP Instance %s]",
+            event.assoc.requestor.ae_title,
+            code,
+            result.reason,
+            result.sop_instance_uid or expected.sop_instance_uid,
+        )
+        reply = Dataset()
+        reply.Status = code
+        reply.ErrorComment = result.reason[:64]  # LO: 64 characters
+        return reply

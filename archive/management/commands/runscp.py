@@ -1,0 +1,132 @@
+"""``python manage.py runscp``: the archive's DICOM SCP (C-ECHO, C-STORE)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+from django.db import connections
+
+from archive import storage
+from archive.dimse.server import Scp
+
+log = logging.getLogger("archive.dimse")
+
+
+class Command(BaseCommand):
+    help = "Run the DICOM SCP (C-ECHO, C-STORE) that feeds the archive. Stops cleanly on SIGTERM."
+
+    def add_arguments(self, parser) -> None:
+        parser.add_argument("--port", type=int, default=settings.PACS_DICOM_PORT)
+        parser.add_argument("--ae-title", default=settings.PACS_AE_TITLE)
+        parser.add_argument("--bind", default=settings.PACS_BIND_ADDRESS)
+        parser.add_argument(
+            "--workers",
+            type=int,
+            default=settings.PACS_SCP_WORKERS,
+            help="SCP processes sharing the port (SO_REUSEPORT); use one per core for parallel senders",
+        )
+
+    def handle(self, *args, **options) -> None:
+        ae_title = options["ae_title"].strip()
+        if not ae_title or len(ae_title) > 16:
+            raise CommandError("the AE title must be 1 to 16 characters")
+        storage.incoming_dir()
+        removed = storage.clean_incoming()
+        if removed:
+            log.info("removed %d temporary files left by an earlier run", removed)
+        # pynetdicom receives each dataset into a temporary file: keep those on the storage
+        # filesystem so that storing one is a rename, not a copy.
+        tempfile.tempdir = str(storage.incoming_dir())
+        workers = options["workers"]
+        if workers < 1:
+            raise CommandError("--workers must be at least 1")
+        if workers == 1:
+            self.serve(ae_title, options, reuse_port=False)
+        else:
+            self.supervise(ae_title, options, workers)
+
+    def make_scp(self, ae_title: str, options: dict, reuse_port: bool) -> Scp:
+        return Scp(
+            ae_title=ae_title,
+            port=options["port"],
+            bind=options["bind"],
+            max_associations=settings.PACS_MAX_ASSOCIATIONS,
+            allowed_calling_aets=settings.PACS_ALLOWED_CALLING_AETS or None,
+            reuse_port=reuse_port,
+        )
+
+    def serve(self, ae_title: str, options: dict, reuse_port: bool) -> None:
+        stop = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
+        scp = self.make_scp(ae_title, options, reuse_port)
+        try:
+            scp.start()
+        except OSError as exc:
+            raise CommandError(f"cannot listen on {options['bind']}:{options['port']}: {exc}") from exc
+        self.stdout.write(f"DICOM SCP {ae_title} listening on {options['bind']}:{scp.port} (pid {os.getpid()})")
+        self.stdout.flush()
+        stop.wait()
+        log.info("stopping: finishing the associations in flight")
+        scp.stop(timeout=settings.PACS_SCP_STOP_TIMEOUT)
+        log.info("SCP stopped")
+
+    def supervise(self, ae_title: str, options: dict, workers: int) -> None:
+        """Fork ``workers`` SCP processes sharing the port; restart one that dies; stop all on SIGTERM."""
+        stopping = threading.Event()
+        children: dict[int, int] = {}
+
+        def forward(signum: int, _frame: object) -> None:
+            stopping.set()
+            for pid in list(children):
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+
+        signal.signal(signal.SIGTERM, forward)
+        signal.signal(signal.SIGINT, forward)
+
+        def spawn(slot: int) -> None:
+            connections.close_all()  # never share a database connection across fork
+            pid = os.fork()
+            if pid == 0:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                code = 0
+                try:
+                    self.serve(ae_title, options, reuse_port=True)
+                except BaseException as exc:  # noqa: BLE001 - the child reports and exits
+                    sys.stderr.write(f"SCP worker {slot} failed: {exc}\n")
+                    code = 1
+                finally:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(code)
+            children[pid] = slot
+
+        for slot in range(workers):
+            spawn(slot)
+        while children:
+            try:
+                pid, status = os.wait()
+            except ChildProcessError:
+                break
+            except InterruptedError:
+                continue
+            slot = children.pop(pid, None)
+            if slot is None:
+                continue
+            if not stopping.is_set():
+                log.error("SCP worker %d (pid %d) exited with status %d; restarting it", slot, pid, status)
+                time.sleep(1)
+                spawn(slot)
+        log.info("all SCP workers stopped")

@@ -1,0 +1,137 @@
+"""The archive's data model: Patient, Study, Series and Instance mirror the DICOM
+information model (PS3.3 A.1.2), keyed by their UIDs, with the attributes queries match on
+as indexed columns (field names are DICOM keywords in snake_case)."""
+
+from __future__ import annotations
+
+from django.db import models
+
+
+class Patient(models.Model):
+    """A patient, identified by PatientID within IssuerOfPatientID."""
+
+    patient_id = models.CharField("Patient ID", max_length=64, blank=True)
+    issuer_of_patient_id = models.CharField("Issuer of Patient ID", max_length=64, blank=True)
+    patient_name = models.CharField("Patient's Name", max_length=324, blank=True)
+    # Case- and accent-folded name (archive.dicom.normalize_name), for prefix matching.
+    patient_name_norm = models.CharField(max_length=324, blank=True, editable=False)
+    patient_birth_date = models.DateField("Birth date", null=True, blank=True)
+    patient_sex = models.CharField("Sex", max_length=16, blank=True)
+    created = models.DateTimeField(auto_now_add=True)
+    updated = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["patient_id", "issuer_of_patient_id"], name="patient_unique_id_issuer")
+        ]
+        indexes = [
+            models.Index(fields=["patient_id"], name="patient_id_idx"),
+            # varchar_pattern_ops lets PostgreSQL use the index for LIKE 'prefix%' in any
+            # collation; other databases ignore the operator class.
+            models.Index(fields=["patient_name_norm"], name="patient_name_norm_idx", opclasses=["varchar_pattern_ops"]),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.patient_name or '(no name)'} [{self.patient_id}]"
+
+
+class Study(models.Model):
+    """A study (PS3.3 C.7.2.1), with counts kept exact as instances arrive."""
+
+    class Status(models.TextChoices):
+        SCHEDULED = "SCHEDULED", "Scheduled"
+        ARRIVED = "ARRIVED", "Arrived"
+        STARTED = "STARTED", "Reading started"
+        READ = "READ", "Read"
+        VERIFIED = "VERIFIED", "Verified"
+        CANCELLED = "CANCELLED", "Cancelled"
+
+    class Priority(models.TextChoices):
+        STAT = "STAT", "STAT"
+        HIGH = "HIGH", "High"
+        ROUTINE = "ROUTINE", "Routine"
+        LOW = "LOW", "Low"
+
+    patient = models.ForeignKey(Patient, on_delete=models.PROTECT, related_name="studies")
+    study_instance_uid = models.CharField("Study Instance UID", max_length=64, unique=True)
+    accession_number = models.CharField("Accession", max_length=16, blank=True, db_index=True)
+    study_date = models.DateField(null=True, blank=True, db_index=True)
+    study_time = models.TimeField(null=True, blank=True)
+    study_description = models.CharField(max_length=64, blank=True)
+    referring_physician_name = models.CharField(max_length=324, blank=True)
+    study_id = models.CharField("Study ID", max_length=16, blank=True)
+    institution_name = models.CharField(max_length=64, blank=True)
+    modalities_in_study = models.CharField(max_length=256, blank=True)
+    number_of_study_related_series = models.PositiveIntegerField("Series", default=0)
+    number_of_study_related_instances = models.PositiveIntegerField("Instances", default=0)
+    study_size = models.PositiveBigIntegerField("Size (bytes)", default=0)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.ARRIVED, db_index=True)
+    priority = models.CharField(max_length=16, choices=Priority.choices, default=Priority.ROUTINE)
+    created = models.DateTimeField(auto_now_add=True)
+    updated = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name_plural = "studies"
+        indexes = [models.Index(fields=["study_date", "study_time"], name="study_date_time_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.study_date or '????-??-??'} {self.study_description or self.study_instance_uid}"
+
+
+class Series(models.Model):
+    """A series (PS3.3 C.7.3.1)."""
+
+    study = models.ForeignKey(Study, on_delete=models.CASCADE, related_name="series")
+    series_instance_uid = models.CharField("Series Instance UID", max_length=64, unique=True)
+    series_number = models.IntegerField(null=True, blank=True)
+    modality = models.CharField(max_length=16, blank=True, db_index=True)
+    series_description = models.CharField(max_length=64, blank=True)
+    body_part_examined = models.CharField(max_length=16, blank=True)
+    protocol_name = models.CharField(max_length=64, blank=True)
+    series_date = models.DateField(null=True, blank=True)
+    series_time = models.TimeField(null=True, blank=True)
+    station_name = models.CharField(max_length=16, blank=True)
+    number_of_series_related_instances = models.PositiveIntegerField("Instances", default=0)
+    series_size = models.PositiveBigIntegerField("Size (bytes)", default=0)
+    # The calling AE title that first sent this series (empty for imports and uploads).
+    source_ae_title = models.CharField(max_length=16, blank=True)
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        verbose_name_plural = "series"
+
+    def __str__(self) -> str:
+        return f"{self.modality} #{self.series_number} {self.series_description}".strip()
+
+
+class Instance(models.Model):
+    """A stored SOP instance and its Part 10 file under PACS_STORAGE_DIR."""
+
+    series = models.ForeignKey(Series, on_delete=models.CASCADE, related_name="instances")
+    sop_instance_uid = models.CharField("SOP Instance UID", max_length=64, unique=True)
+    sop_class_uid = models.CharField("SOP Class UID", max_length=64, db_index=True)
+    instance_number = models.IntegerField(null=True, blank=True)
+    transfer_syntax_uid = models.CharField(max_length=64)
+    rows = models.PositiveIntegerField(null=True, blank=True)
+    columns = models.PositiveIntegerField(null=True, blank=True)
+    bits_allocated = models.PositiveSmallIntegerField(null=True, blank=True)
+    number_of_frames = models.PositiveIntegerField(null=True, blank=True)
+    image_position_patient = models.JSONField(null=True, blank=True)
+    image_orientation_patient = models.JSONField(null=True, blank=True)
+    slice_location = models.FloatField(null=True, blank=True)
+    specific_character_set = models.CharField(max_length=64, blank=True)
+    # Relative to PACS_STORAGE_DIR; derived from a hash of the SOP Instance UID.
+    file_path = models.CharField(max_length=255, unique=True)
+    file_size = models.PositiveBigIntegerField()
+    file_sha256 = models.CharField("File SHA-256", max_length=64)
+    # The header without bulk data, in the DICOM JSON model (PS3.18 F.2).
+    metadata = models.JSONField(default=dict)
+    source_ae_title = models.CharField(max_length=16, blank=True)
+    source_address = models.CharField(max_length=64, blank=True)
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["series", "instance_number"], name="instance_series_number_idx")]
+
+    def __str__(self) -> str:
+        return f"#{self.instance_number} {self.sop_instance_uid}"

@@ -1,0 +1,1 @@
+"""The append-only audit log: see the access and audit issue."""

@@ -1,0 +1,169 @@
+"""pacsportal settings: every value comes from an environment variable (see README)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+from pacsportal.env import envbool, envchoice, envint, envlist, envstr, persistent_secret
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(envstr("PACS_VAR_DIR", str(BASE_DIR / "var"))).resolve()
+
+SECRET_KEY = envstr("DJANGO_SECRET_KEY") or persistent_secret(VAR_DIR / "secret_key")
+DEBUG = envbool("DJANGO_DEBUG", False)
+ALLOWED_HOSTS = envlist("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1")
+CSRF_TRUSTED_ORIGINS = envlist("DJANGO_CSRF_TRUSTED_ORIGINS", "")
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "whitenoise.runserver_nostatic",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "rest_framework.authtoken",
+    "django_q",
+    "archive",
+    "viewer",
+    "worklist",
+    "audit",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "pacsportal.urls"
+WSGI_APPLICATION = "pacsportal.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# Database: SQLite under var/ by default, tuned so that the SCP, the worker and the web
+# server can write at once (WAL, a busy timeout, IMMEDIATE transactions so that a
+# writer never has to upgrade a read lock). PostgreSQL through DATABASE_URL.
+SQLITE_PATH = VAR_DIR / "pacs.sqlite3"
+_database_url = envstr("DATABASE_URL")
+if _database_url:
+    try:
+        _db = dj_database_url.parse(_database_url, conn_max_age=envint("DATABASE_CONN_MAX_AGE", 60))
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"DATABASE_URL: {exc}") from exc
+else:
+    _db = {"ENGINE": "django.db.backends.sqlite3", "NAME": str(SQLITE_PATH)}
+if _db["ENGINE"] == "django.db.backends.sqlite3":
+    _db.setdefault("OPTIONS", {}).update(
+        {
+            "init_command": "PRAGMA journal_mode=WAL;PRAGMA synchronous=NORMAL;PRAGMA foreign_keys=ON;",
+            "transaction_mode": "IMMEDIATE",
+            "timeout": 30,
+        }
+    )
+    # Tests run threads (the SCP) beside the test: they need a file, not :memory:.
+    _db["TEST"] = {"NAME": str(VAR_DIR / "test.sqlite3")}
+DATABASES = {"default": _db}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator", "OPTIONS": {"min_length": 10}},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+LOGIN_URL = "/accounts/login/"
+LOGIN_REDIRECT_URL = "/"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = envstr("TZ", "UTC") or "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "/static/"
+STATIC_ROOT = VAR_DIR / "static"
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},
+}
+if envbool("PACS_TESTING", False):
+    STORAGES["staticfiles"] = {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}
+
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SECURE = envbool("DJANGO_SECURE_COOKIES", False)
+CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+X_FRAME_OPTIONS = "DENY"
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+}
+
+# django-q2: the database is the broker unless REDIS_URL is set.
+REDIS_URL = envstr("REDIS_URL")
+Q_CLUSTER: dict = {
+    "name": "pacsportal",
+    "workers": envint("PACS_TASK_WORKERS", 2, minimum=1),
+    "timeout": 600,
+    "retry": 900,
+    "max_attempts": 3,
+    "catch_up": False,
+    "sync": envbool("PACS_TASKS_SYNC", False),
+}
+if REDIS_URL:
+    Q_CLUSTER["redis"] = REDIS_URL
+else:
+    Q_CLUSTER["orm"] = "default"
+
+# The archive.
+PACS_STORAGE_DIR = Path(envstr("PACS_STORAGE_DIR", str(VAR_DIR / "storage"))).resolve()
+PACS_AE_TITLE = envstr("PACS_AE_TITLE", "PACSPORTAL")
+PACS_BIND_ADDRESS = envstr("PACS_BIND_ADDRESS", "0.0.0.0")
+PACS_DICOM_PORT = envint("PACS_DICOM_PORT", 11112, minimum=0)
+PACS_HTTP_PORT = envint("PACS_HTTP_PORT", 8000, minimum=0)
+# Calling AE titles allowed to associate; empty: any.
+PACS_ALLOWED_CALLING_AETS = envlist("PACS_ALLOWED_CALLING_AETS", "")
+PACS_MAX_ASSOCIATIONS = envint("PACS_MAX_ASSOCIATIONS", 32, minimum=1)
+# SCP worker processes sharing the DICOM port (SO_REUSEPORT): use the cores.
+PACS_SCP_WORKERS = envint("PACS_SCP_WORKERS", 1, minimum=1)
+# What a second copy of a stored SOP Instance UID does: keep the first, or replace it.
+PACS_DUPLICATE_POLICY = envchoice("PACS_DUPLICATE_POLICY", "keep", {"keep", "overwrite"})
+# Seconds runscp waits for associations in flight when asked to stop.
+PACS_SCP_STOP_TIMEOUT = envint("PACS_SCP_STOP_TIMEOUT", 30, minimum=0)
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": "WARNING"},
+    "loggers": {
+        "archive": {"level": envstr("PACS_LOG_LEVEL", "INFO").upper(), "propagate": True},
+        "pynetdicom": {"level": "WARNING", "propagate": True},
+    },
+}

@@ -1,0 +1,1 @@
+"""Study list, study and viewer pages: see the web portal issue."""

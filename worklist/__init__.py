@@ -1,0 +1,1 @@
+"""RIS orders, modality worklist and MPPS: see the worklist issue."""
