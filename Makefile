@@ -36,6 +36,7 @@ run: migrate
 	PYTHONUNBUFFERED=1 $(BIN)/honcho -f Procfile start 2>&1 || true
 
 test: setup-dev
+	$(PY) manage.py collectstatic --noinput --verbosity 0
 	$(BIN)/pytest
 
 bench: setup-dev

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import re
+import struct
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.tag import Tag
+from pydicom.uid import UID
 
 # PS3.5 9.1: components of digits separated by ".", no leading zero in a component, 64 chars at most.
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
@@ -28,6 +30,8 @@ PIXEL_TAGS = frozenset(Tag(t) for t in (0x7FE00010, 0x7FE00008, 0x7FE00009))
 # Values above this size are deferred when reading a header (kept on disk, not in memory).
 DEFER_SIZE = 16 * 1024
 JSON_BULK_THRESHOLD = 1024
+# UIDs are validated whole (a clipped UID would be another, valid-looking UID).
+UNCLIPPED = 1024
 
 
 class DicomFileError(Exception):
@@ -47,36 +51,130 @@ def read_part10(path: Path | str) -> FileDataset:
     length runs past the end of the file, or pixel data was cut off).
     """
     path = Path(path)
+    size = path.stat().st_size  # OSError here is an I/O problem, not bad data
     try:
-        size = path.stat().st_size
         ds = pydicom.dcmread(path, defer_size=DEFER_SIZE)
     except InvalidDicomError as exc:
         raise DicomFileError(f"not a DICOM Part 10 file ({exc})") from exc
-    except (OSError, ValueError, KeyError, TypeError, NotImplementedError, EOFError) as exc:
-        raise DicomFileError(f"unreadable DICOM file: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on malformed input
+        raise DicomFileError(f"unreadable DICOM file: {exc or type(exc).__name__}") from exc
     if not getattr(ds, "file_meta", None) or "TransferSyntaxUID" not in ds.file_meta:
         raise DicomFileError("no file meta information with a Transfer Syntax UID")
-    check_complete(ds, size)
+    check_complete(ds, path, size)
     return ds
 
 
-def check_complete(ds: Dataset, size: int) -> None:
-    """Raise ``DicomFileError`` when a top-level element of ``ds`` runs past ``size`` bytes."""
-    for tag in ds.keys():
-        raw = ds.get_item(tag)
-        length = getattr(raw, "length", None)
-        value_tell = getattr(raw, "value_tell", None)
-        if length is None or value_tell is None or length == UNDEFINED_LENGTH:
-            continue
-        if value_tell + length > size:
+def check_complete(ds: Dataset, path: Path, size: int) -> None:
+    """Raise ``DicomFileError`` when the file at ``path`` is cut off or malformed.
+
+    pydicom reads leniently: a value cut short is kept short and an undefined-length
+    element that ends before its delimiter is dropped without an error. So the file's
+    element structure is walked here (PS3.5 7.1 and 7.5: tags, lengths, items and
+    delimiters; values are skipped, never read) and every length must fit in the file.
+    """
+    syntax = ds.file_meta.TransferSyntaxUID
+    if syntax == pydicom.uid.DeflatedExplicitVRLittleEndian:
+        return  # the dataset is a deflate stream; zlib checks its own integrity on reading
+    with open(path, "rb") as fp:
+        fp.seek(128)
+        start = 132 if fp.read(4) == b"DICM" else 0
+        fp.seek(start)
+        walker = _Walker(fp, size, explicit=True, little=True)
+        walker.elements(until_group_changes_from=0x0002)
+        walker.explicit = not syntax.is_implicit_VR
+        walker.little = syntax.is_little_endian
+        walker.elements()
+    # Pixel Data is Type 1 in every image IOD: its absence means a cut-off file.
+    if is_image_storage(str(ds.get("SOPClassUID", ""))) and not any(t in ds for t in PIXEL_TAGS):
+        raise DicomFileError("truncated file: an image without Pixel Data")
+
+
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+
+
+class _Walker:
+    """Walks the element structure of an encoded dataset without reading values."""
+
+    def __init__(self, fp: Any, size: int, explicit: bool, little: bool) -> None:
+        self.fp, self.size, self.explicit, self.little = fp, size, explicit, little
+
+    def _truncated(self, what: str) -> DicomFileError:
+        return DicomFileError(f"truncated file: {what} at byte {self.fp.tell()} of {self.size}")
+
+    def header(self) -> tuple[int, bytes | None, int]:
+        raw = self.fp.read(8)
+        if len(raw) < 8:
+            raise self._truncated("an element header is cut off")
+        endian = "<" if self.little else ">"
+        group, element = struct.unpack(endian + "HH", raw[:4])
+        tag = (group << 16) | element
+        if group == 0xFFFE or not self.explicit:
+            return tag, None, struct.unpack(endian + "L", raw[4:])[0]
+        vr = raw[4:6]
+        if not (vr.isalpha() and vr.isupper()):
+            # Encoded in implicit VR despite an explicit transfer syntax: read on as pydicom does.
+            self.explicit = False
+            return tag, None, struct.unpack(endian + "L", raw[4:])[0]
+        if vr in _LONG_VRS:
+            more = self.fp.read(4)
+            if len(more) < 4:
+                raise self._truncated("an element header is cut off")
+            return tag, vr, struct.unpack(endian + "L", more)[0]
+        return tag, vr, struct.unpack(endian + "H", raw[6:])[0]
+
+    def skip(self, length: int, tag: int) -> None:
+        if self.fp.tell() + length > self.size:
             raise DicomFileError(
                 f"truncated file: element {Tag(tag)} declares {length} bytes "
-                f"but the file ends {size - value_tell} bytes after its start"
+                f"but only {self.size - self.fp.tell()} remain"
             )
-    image = "Rows" in ds and "Columns" in ds
-    has_pixels = any(t in ds for t in (0x7FE00010, 0x7FE00008, 0x7FE00009))
-    if image and not has_pixels:
-        raise DicomFileError("truncated file: image attributes present but no complete Pixel Data")
+        self.fp.seek(length, 1)
+
+    def elements(self, until_group_changes_from: int | None = None, in_item: bool = False) -> None:
+        while True:
+            position = self.fp.tell()
+            if position >= self.size:
+                if in_item:
+                    raise self._truncated("an item ends without its delimiter")
+                return
+            if until_group_changes_from is not None:
+                peek = self.fp.read(2)
+                self.fp.seek(position)
+                if len(peek) < 2 or struct.unpack("<H", peek)[0] != until_group_changes_from:
+                    return
+            tag, vr, length = self.header()
+            if tag == _ITEM_END and in_item:
+                return
+            if length != UNDEFINED_LENGTH:
+                self.skip(length, tag)
+            elif tag == 0x7FE00010:
+                self.sequence(fragments=True)
+            else:
+                implicit_inside = vr == b"UN"  # PS3.5 6.2.2: UN of undefined length holds implicit VR
+                saved = self.explicit
+                self.explicit = self.explicit and not implicit_inside
+                self.sequence(fragments=False)
+                self.explicit = saved
+
+    def sequence(self, fragments: bool) -> None:
+        while True:
+            tag, _, length = self.header()
+            if tag == _SEQUENCE_END:
+                return
+            if tag != _ITEM:
+                raise DicomFileError(f"malformed file: {Tag(tag)} inside a sequence where an item was expected")
+            if length != UNDEFINED_LENGTH:
+                self.skip(length, tag)
+            elif fragments:
+                raise DicomFileError("malformed file: a pixel data fragment of undefined length")
+            else:
+                self.elements(in_item=True)
+
+
+def is_image_storage(sop_class_uid: str) -> bool:
+    """Return True for the image storage SOP classes, whose IODs require Pixel Data."""
+    return "Image Storage" in UID(sop_class_uid).name if sop_class_uid else False
 
 
 @dataclass
@@ -187,7 +285,7 @@ def extract_header(ds: Dataset) -> Header:
         "patient_sex": _text(ds, "PatientSex", 16).upper(),
     }
     header.study = {
-        "study_instance_uid": _text(ds, "StudyInstanceUID"),
+        "study_instance_uid": _text(ds, "StudyInstanceUID", UNCLIPPED),
         "accession_number": _text(ds, "AccessionNumber", 16),
         "study_date": parse_da(_text(ds, "StudyDate")),
         "study_time": parse_tm(_text(ds, "StudyTime")),
@@ -197,7 +295,7 @@ def extract_header(ds: Dataset) -> Header:
         "institution_name": _text(ds, "InstitutionName"),
     }
     header.series = {
-        "series_instance_uid": _text(ds, "SeriesInstanceUID"),
+        "series_instance_uid": _text(ds, "SeriesInstanceUID", UNCLIPPED),
         "series_number": _int(ds, "SeriesNumber"),
         "modality": _text(ds, "Modality", 16).upper(),
         "series_description": _text(ds, "SeriesDescription"),
@@ -208,8 +306,8 @@ def extract_header(ds: Dataset) -> Header:
         "station_name": _text(ds, "StationName", 16),
     }
     header.instance = {
-        "sop_instance_uid": _text(ds, "SOPInstanceUID"),
-        "sop_class_uid": _text(ds, "SOPClassUID"),
+        "sop_instance_uid": _text(ds, "SOPInstanceUID", UNCLIPPED),
+        "sop_class_uid": _text(ds, "SOPClassUID", UNCLIPPED),
         "instance_number": _int(ds, "InstanceNumber"),
         "transfer_syntax_uid": str(meta.get("TransferSyntaxUID", ""))[:64],
         "rows": _int(ds, "Rows"),

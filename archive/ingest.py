@@ -240,8 +240,8 @@ def _index(
                 modalities = set(Series.objects.filter(study=study).values_list("modality", flat=True))
                 updates["modalities_in_study"] = "\\".join(sorted(m for m in modalities if m))[:256]
             Study.objects.filter(pk=study.pk).update(**updates)
+            published = True  # from here on, a failure must take the file back out
             storage.publish(temp, relative)  # the last step: the commit follows at once
-            published = True
     except BaseException:
         if published:
             final.unlink(missing_ok=True)

@@ -1,0 +1,270 @@
+"""The ingest service: what gets stored, what is refused, and that files and rows always agree."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import threading
+from pathlib import Path
+
+import pytest
+from django.db import DatabaseError, connection
+from pydicom.data import get_testdata_file
+
+from archive import ingest, storage
+from archive.ingest import Expected, Outcome, Source, ingest_bytes, ingest_dataset, ingest_file
+from archive.models import Instance, Patient, Series, Study
+from tests.conftest import make_dataset, part10, write_part10
+
+SOURCE = Source(channel="import")
+
+
+def stored_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*.dcm") if storage.INCOMING not in p.parts]
+
+
+def assert_consistent(root: Path) -> None:
+    """No file without a row, no row without a file, no temporary file left."""
+    on_disk = {p.relative_to(root).as_posix() for p in stored_files(root)}
+    in_db = set(Instance.objects.values_list("file_path", flat=True))
+    assert on_disk == in_db
+    incoming = root / storage.INCOMING
+    assert not incoming.exists() or list(incoming.iterdir()) == []
+
+
+@pytest.mark.django_db
+def test_it_stores_an_instance_and_indexes_every_level(storage_dir: Path) -> None:
+    ds = make_dataset(patient_name="Müller^Jürgen", charset="ISO_IR 100")
+    data = part10(ds)
+    result = ingest_bytes(data, SOURCE)
+    assert result.outcome is Outcome.STORED, result.reason
+    instance = Instance.objects.select_related("series__study__patient").get()
+    assert instance.sop_instance_uid == ds.SOPInstanceUID
+    assert instance.file_sha256 == hashlib.sha256(data).hexdigest()
+    assert instance.file_size == len(data)
+    assert storage.absolute(instance.file_path).read_bytes() == data  # kept as received
+    assert ds.SOPInstanceUID not in instance.file_path  # the path never carries a UID
+    assert instance.series.study.patient.patient_name == "Müller^Jürgen"
+    assert instance.series.study.patient.patient_name_norm == "muller^jurgen"
+    study = instance.series.study
+    assert (study.number_of_study_related_series, study.number_of_study_related_instances) == (1, 1)
+    assert study.study_size == len(data)
+    assert study.modalities_in_study == "CT"
+    assert instance.metadata["00100010"]["Value"][0]["Alphabetic"] == "Müller^Jürgen"
+    assert_consistent(storage_dir)
+
+
+@pytest.mark.django_db
+def test_counts_and_modalities_follow_each_new_series() -> None:
+    study_uid = "1.2.3.4.5"
+    for modality, series_uid, count in (("CT", "1.2.3.4.5.1", 3), ("MR", "1.2.3.4.5.2", 2)):
+        for _ in range(count):
+            assert ingest_dataset(make_dataset(modality=modality, study_uid=study_uid, series_uid=series_uid), SOURCE).ok
+    study = Study.objects.get(study_instance_uid=study_uid)
+    assert study.number_of_study_related_series == 2
+    assert study.number_of_study_related_instances == 5
+    assert study.modalities_in_study == "CT\\MR"
+    assert study.study_size == sum(Instance.objects.values_list("file_size", flat=True))
+    assert sorted(Series.objects.values_list("number_of_series_related_instances", flat=True)) == [2, 3]
+
+
+@pytest.mark.django_db
+def test_a_second_copy_is_a_duplicate_and_the_first_is_kept(storage_dir: Path) -> None:
+    ds = make_dataset()
+    first = part10(ds)
+    assert ingest_bytes(first, SOURCE).outcome is Outcome.STORED
+    ds.StudyDescription = "changed"
+    result = ingest_dataset(ds, SOURCE)
+    assert result.outcome is Outcome.DUPLICATE
+    assert result.ok
+    instance = Instance.objects.get()
+    assert storage.absolute(instance.file_path).read_bytes() == first
+    assert Study.objects.get().number_of_study_related_instances == 1
+    assert_consistent(storage_dir)
+
+
+@pytest.mark.django_db
+def test_the_overwrite_policy_replaces_the_stored_copy(settings, storage_dir: Path) -> None:
+    settings.PACS_DUPLICATE_POLICY = "overwrite"
+    ds = make_dataset()
+    assert ingest_dataset(ds, SOURCE).outcome is Outcome.STORED
+    ds.PixelData = bytes(len(ds.PixelData))
+    second = part10(ds)
+    assert ingest_bytes(second, SOURCE).outcome is Outcome.STORED
+    instance = Instance.objects.get()
+    assert storage.absolute(instance.file_path).read_bytes() == second
+    study = Study.objects.get()
+    assert (study.number_of_study_related_instances, study.study_size) == (1, len(second))
+    assert_consistent(storage_dir)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "mutate, reason",
+    [
+        (lambda ds: delattr(ds, "SOPInstanceUID"), "SOPInstanceUID is missing"),
+        (lambda ds: setattr(ds, "SeriesInstanceUID", "1.2.abc"), "SeriesInstanceUID '1.2.abc' is not a valid UID"),
+        (lambda ds: setattr(ds, "StudyInstanceUID", "1.2." + "9" * 70), "StudyInstanceUID"),
+        (lambda ds: delattr(ds, "SOPClassUID"), "SOPClassUID is missing"),
+    ],
+)
+def test_it_rejects_datasets_without_valid_identifying_uids(storage_dir: Path, mutate, reason: str) -> None:
+    ds = make_dataset()
+    mutate(ds)
+    result = ingest_dataset(ds, SOURCE)
+    assert result.outcome is Outcome.REJECTED
+    assert reason in result.reason
+    assert Instance.objects.count() == Study.objects.count() == Patient.objects.count() == 0
+    assert_consistent(storage_dir)
+
+
+@pytest.mark.django_db
+def test_it_rejects_truncated_and_non_dicom_bytes(storage_dir: Path) -> None:
+    data = part10(make_dataset(rows=64, columns=64))
+    truncated = ingest_bytes(data[:-100], SOURCE)
+    assert truncated.outcome is Outcome.REJECTED
+    assert "truncated" in truncated.reason
+    junk = ingest_bytes(b"%PDF-1.4 not dicom" * 50, SOURCE)
+    assert junk.outcome is Outcome.REJECTED
+    assert "not a DICOM Part 10 file" in junk.reason
+    empty = ingest_bytes(b"", SOURCE)
+    assert empty.outcome is Outcome.REJECTED
+    assert Instance.objects.count() == 0
+    assert_consistent(storage_dir)
+
+
+@pytest.mark.django_db
+def test_it_refuses_a_dataset_that_is_not_what_the_request_announced() -> None:
+    ds = make_dataset()
+    result = ingest_dataset(ds, SOURCE, Expected(sop_class_uid=ds.SOPClassUID, sop_instance_uid="1.2.3"))
+    assert result.outcome is Outcome.MISMATCH
+    result = ingest_dataset(ds, SOURCE, Expected(sop_class_uid="1.2.840.10008.5.1.4.1.1.4", sop_instance_uid=""))
+    assert result.outcome is Outcome.MISMATCH
+    assert Instance.objects.count() == 0
+
+
+@pytest.mark.django_db
+def test_a_series_cannot_move_to_another_study(storage_dir: Path) -> None:
+    assert ingest_dataset(make_dataset(study_uid="1.2.3.1", series_uid="1.2.3.1.1"), SOURCE).ok
+    result = ingest_dataset(make_dataset(study_uid="1.2.3.2", series_uid="1.2.3.1.1"), SOURCE)
+    assert result.outcome is Outcome.REJECTED
+    assert "another study" in result.reason
+    assert Study.objects.count() == 1
+    assert_consistent(storage_dir)
+
+
+@pytest.mark.django_db
+def test_a_full_disk_while_writing_stores_nothing(storage_dir: Path, monkeypatch) -> None:
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage, "copy_to_temp", full)
+    result = ingest_bytes(part10(make_dataset()), SOURCE)
+    assert result.outcome is Outcome.OUT_OF_RESOURCES
+    assert Instance.objects.count() == 0
+    assert_consistent(storage_dir)
+
+
+@pytest.mark.django_db
+def test_a_full_disk_at_publication_leaves_neither_row_nor_file(storage_dir: Path, monkeypatch) -> None:
+    def full(temp, relative):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage, "publish", full)
+    result = ingest_bytes(part10(make_dataset()), SOURCE)
+    assert result.outcome is Outcome.OUT_OF_RESOURCES
+    assert Instance.objects.count() == Study.objects.count() == Patient.objects.count() == 0
+    assert_consistent(storage_dir)
+
+
+@pytest.mark.django_db
+def test_too_little_free_space_is_refused_before_writing(storage_dir: Path, monkeypatch) -> None:
+    monkeypatch.setattr(storage, "disk_free", lambda path=None: 1000)
+    result = ingest_bytes(part10(make_dataset()), SOURCE)
+    assert result.outcome is Outcome.OUT_OF_RESOURCES
+    assert_consistent(storage_dir)
+
+
+@pytest.mark.django_db
+def test_a_database_error_leaves_no_file(storage_dir: Path, monkeypatch) -> None:
+    def broken(*args, **kwargs):
+        raise DatabaseError("disk I/O error")
+
+    monkeypatch.setattr(Instance.objects, "create", broken)
+    result = ingest_bytes(part10(make_dataset()), SOURCE)
+    assert result.outcome is Outcome.FAILED
+    assert "database error" in result.reason
+    monkeypatch.undo()
+    assert Instance.objects.count() == Study.objects.count() == 0
+    assert_consistent(storage_dir)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_commit_that_fails_after_publication_removes_the_file(storage_dir: Path, monkeypatch) -> None:
+    real_publish = storage.publish
+
+    def publish_then_fail(temp, relative):
+        real_publish(temp, relative)
+        raise DatabaseError("connection lost at commit")
+
+    monkeypatch.setattr(storage, "publish", publish_then_fail)
+    result = ingest_bytes(part10(make_dataset()), SOURCE)
+    assert result.outcome is Outcome.FAILED
+    assert Instance.objects.count() == 0
+    assert_consistent(storage_dir)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "name",
+    ["JPEG2000.dcm", "SC_rgb_rle.dcm", "MR_small_jpeg_ls_lossless.dcm", "JPEG-lossy.dcm", "image_dfl.dcm",
+     "MR_small_bigendian.dcm", "JPGExtended.dcm", "MR_small_jp2klossless.dcm"],
+)
+def test_compressed_and_big_endian_files_are_stored_as_received(storage_dir: Path, name: str) -> None:
+    path = Path(get_testdata_file(name))
+    result = ingest_file(path, SOURCE)
+    assert result.outcome is Outcome.STORED, result.reason
+    instance = Instance.objects.get()
+    assert storage.absolute(instance.file_path).read_bytes() == path.read_bytes()
+    assert path.exists()  # an import copies; the source stays
+    assert_consistent(storage_dir)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_stores_into_one_study_keep_exact_counts(storage_dir: Path) -> None:
+    study_uid, threads, per_thread = "1.2.826.0.1.99", 4, 6
+    datasets = [
+        [make_dataset(study_uid=study_uid, series_uid=f"{study_uid}.{t}", modality=("CT", "MR")[t % 2]) for _ in range(per_thread)]
+        for t in range(threads)
+    ]
+    # The same SOP instance sent by every thread at once must be stored exactly once.
+    shared = part10(make_dataset(study_uid=study_uid, series_uid=f"{study_uid}.0"))
+    outcomes: list[Outcome] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(threads)
+
+    def work(batch) -> None:
+        try:
+            barrier.wait()
+            results = [ingest_bytes(shared, SOURCE)] + [ingest_dataset(ds, SOURCE) for ds in batch]
+            with lock:
+                outcomes.extend(r.outcome for r in results)
+        finally:
+            connection.close()
+
+    workers = [threading.Thread(target=work, args=(batch,)) for batch in datasets]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert outcomes.count(Outcome.STORED) == threads * per_thread + 1
+    assert outcomes.count(Outcome.DUPLICATE) == threads - 1
+    study = Study.objects.get(study_instance_uid=study_uid)
+    assert study.number_of_study_related_instances == threads * per_thread + 1
+    assert study.number_of_study_related_series == threads
+    assert study.modalities_in_study == "CT\\MR"
+    assert study.study_size == sum(Instance.objects.values_list("file_size", flat=True))
+    for series in Series.objects.all():
+        assert series.number_of_series_related_instances == series.instances.count()
+    assert Patient.objects.count() == 1
+    assert_consistent(storage_dir)
