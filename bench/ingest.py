@@ -280,14 +280,16 @@ def echo_ok(ae_title: str, port: int) -> bool:
     return done.returncode == 0
 
 
-def wait_for_echo(proc: subprocess.Popen, ae_title: str, port: int, log_path: Path, ready_lines: int = 0) -> None:
-    """Wait until the receiver answers C-ECHO (and, if asked, has logged ``ready_lines``
-    "listening on" lines: one per runscp worker)."""
+def wait_for_echo(
+    proc: subprocess.Popen, ae_title: str, port: int, log_path: Path, ready_line: str = "", ready_count: int = 0
+) -> None:
+    """Wait until the receiver answers C-ECHO and, if asked, its log holds ``ready_count``
+    lines containing ``ready_line`` (runscp prints one per worker when it listens)."""
     deadline = time.monotonic() + STARTUP_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise BenchError(f"the receiver exited with status {proc.returncode} while starting:\n{tail(log_path)}")
-        listening = ready_lines == 0 or log_path.read_text(errors="replace").count("listening on") >= ready_lines
+        listening = not ready_line or log_path.read_text(errors="replace").count(ready_line) >= ready_count
         if listening and echo_ok(ae_title, port):
             return
         time.sleep(0.2)
@@ -467,7 +469,9 @@ class PacsReceiver(Receiver):
         super().__init__(config, run_dir, processes)
         self.pg = pg
         self.db_name = ""
-        extra = {"PACS_VAR_DIR": str(run_dir / "var"), "DJANGO_SECRET_KEY": "bench", "PYTHONUNBUFFERED": "1"}
+        var_dir = run_dir / "var"
+        var_dir.mkdir()  # pacsportal does not create its var dir (SQLite cannot open the file otherwise)
+        extra = {"PACS_VAR_DIR": str(var_dir), "DJANGO_SECRET_KEY": "bench", "PYTHONUNBUFFERED": "1"}
         extra["PACS_SCP_STOP_TIMEOUT"] = "5"
         if config.db == "postgres":
             if pg is None:
@@ -496,7 +500,8 @@ class PacsReceiver(Receiver):
         args = [sys.executable, "manage.py", "runscp", "--port", str(self.port), "--ae-title", self.ae_title]
         args += ["--bind", HOST, "--workers", str(self.config.workers)]
         self.proc = self.processes.start(args, self.env, self.log_path)
-        wait_for_echo(self.proc, self.ae_title, self.port, self.log_path, ready_lines=self.config.workers)
+        ready = f"DICOM SCP {self.ae_title} listening on"  # runscp's start-up line, one per worker
+        wait_for_echo(self.proc, self.ae_title, self.port, self.log_path, ready, self.config.workers)
 
     def count(self) -> int:
         out = self.manage("shell", "-c", "from archive.models import Instance; print(Instance.objects.count())")

@@ -17,6 +17,19 @@ from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+)
 
 from archive.dimse.store import AssociationStats, InFlight, handle_store
 
@@ -25,6 +38,26 @@ log = logging.getLogger("archive.dimse")
 # Receive C-STORE datasets straight into a file (event.dataset_path): only the header is
 # parsed, the pixel data is never decoded.
 _config.STORE_RECV_CHUNKED_DATASET = True
+
+
+# pynetdicom accepts, for each presentation context, the first of these that the requestor
+# proposes: so this is our order of preference. Uncompressed explicit VR first, then the
+# lossless compressions, then the other uncompressed encodings, and lossy ones last, so
+# that a modality offering both never compresses lossily because of us.
+_LOSSLESS = [
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEGLSLossless,
+    JPEG2000Lossless,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    RLELossless,
+    DeflatedExplicitVRLittleEndian,
+]
+_UNCOMPRESSED = [ImplicitVRLittleEndian, ExplicitVRBigEndian]
+ACCEPTED_TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, *_LOSSLESS, *_UNCOMPRESSED] + [
+    uid for uid in ALL_TRANSFER_SYNTAXES if uid not in (ExplicitVRLittleEndian, *_LOSSLESS, *_UNCOMPRESSED)
+]
 
 
 class PacsAssociationServer(ThreadedAssociationServer):
@@ -78,9 +111,9 @@ class Scp:
         ae.maximum_pdu_size = max_pdu_size
         if allowed_calling_aets:
             ae.require_calling_aet = allowed_calling_aets
-        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES[:3])
+        ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
         self.ae = ae
 
     @property

@@ -1,0 +1,265 @@
+"""The SCP over real sockets: pynetdicom and DCMTK's storescu and echoscu as peers."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+from pathlib import Path
+
+import pydicom
+import pytest
+from django.db import DatabaseError
+from pydicom.data import get_testdata_file
+from pynetdicom import AE, _config
+from pynetdicom.sop_class import Verification
+from pydicom.uid import ExplicitVRLittleEndian
+
+from archive import storage
+from archive.dimse import status
+from archive.dimse.server import Scp
+from archive.models import Instance, Patient, Series, Study
+from tests.archive.test_ingest import assert_consistent
+from tests.conftest import SOP_FOR_MODALITY, make_dataset, run_dcmtk, write_part10
+
+
+def associate(
+    scp: Scp, calling: str = "MODALITY", called: str = "PACSPORTAL", contexts: list[str] | None = None, syntax: str = ""
+):
+    ae = AE(ae_title=calling)
+    for uid in contexts or list(SOP_FOR_MODALITY.values()):
+        if syntax:
+            ae.add_requested_context(uid, [syntax])
+        else:
+            ae.add_requested_context(uid)
+    ae.add_requested_context(Verification)
+    return ae.associate("127.0.0.1", scp.port, ae_title=called)
+
+
+def test_it_answers_c_echo(scp: Scp) -> None:
+    assoc = associate(scp)
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == status.SUCCESS
+    assoc.release()
+    result = run_dcmtk("echoscu", "-aec", "PACSPORTAL", "127.0.0.1", str(scp.port))
+    assert result.returncode == 0, result.stderr
+
+
+def test_it_stores_every_modality_over_one_association(scp: Scp, storage_dir: Path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="archive.dimse")
+    study_uid = "1.2.826.0.1.3680043.10.1"
+    assoc = associate(scp)
+    for modality in ("CT", "MR", "CR", "US", "MG"):
+        ds = make_dataset(modality=modality, study_uid=study_uid)
+        assert assoc.send_c_store(ds).Status == status.SUCCESS
+    # The same instance again: a duplicate, kept once, still success for the modality.
+    assert assoc.send_c_store(ds).Status == status.SUCCESS
+    assoc.release()
+    study = Study.objects.get(study_instance_uid=study_uid)
+    assert study.number_of_study_related_instances == 5
+    assert study.number_of_study_related_series == 5
+    assert study.modalities_in_study == "CR\\CT\\MG\\MR\\US"
+    assert Instance.objects.count() == 5
+    assert set(Instance.objects.values_list("source_ae_title", flat=True)) == {"MODALITY"}
+    assert_consistent(storage_dir)
+    ended = [r.getMessage() for r in caplog.records if "association released" in r.getMessage()]
+    assert ended and "calling AE MODALITY" in ended[-1]
+    assert "5 stored, 1 duplicates, 0 failed" in ended[-1]
+
+
+@pytest.mark.parametrize(
+    "charset, name",
+    [("ISO_IR 100", "Müller^Jürgen"), ("ISO_IR 192", "山田^太郎"), ("\\ISO 2022 IR 87", "Yamada^Tarou=山田^太郎")],
+)
+def test_non_ascii_names_round_trip(scp: Scp, charset: str, name: str) -> None:
+    assoc = associate(scp)
+    assert assoc.send_c_store(make_dataset(charset=charset, patient_name=name)).Status == status.SUCCESS
+    assoc.release()
+    assert Patient.objects.get().patient_name == name
+
+
+def send_file_as_is(scp: Scp, path: Path, sop_class: str):
+    """Send a file's bytes without pynetdicom decoding them (its meta gives the command's UIDs)."""
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        assoc = associate(scp, contexts=[sop_class], syntax=ExplicitVRLittleEndian)
+        reply = assoc.send_c_store(path)
+        assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = False
+    return reply
+
+
+def test_bad_input_gets_a_failure_status_with_a_reason(scp: Scp, storage_dir: Path, tmp_path: Path) -> None:
+    # No SOPInstanceUID in the dataset (the command still names one, from the file meta).
+    ds = make_dataset()
+    del ds.SOPInstanceUID
+    reply = send_file_as_is(scp, write_part10(ds, tmp_path / "no-uid.dcm"), ds.SOPClassUID)
+    assert reply.Status == status.CANNOT_UNDERSTAND
+    assert "SOPInstanceUID is missing" in reply.ErrorComment
+
+    # A malformed Study Instance UID.
+    ds = make_dataset()
+    ds.StudyInstanceUID = "1.2.3.04"
+    assoc = associate(scp)
+    reply = assoc.send_c_store(ds)
+    assoc.release()
+    assert reply.Status == status.CANNOT_UNDERSTAND
+    assert "StudyInstanceUID" in reply.ErrorComment
+
+    # A dataset whose SOP Instance UID is not the one its request announced.
+    ds = make_dataset()
+    path = write_part10(ds, tmp_path / "other.dcm")
+    ds.SOPInstanceUID = "1.2.3.4.5.7"
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.5.6"
+    ds.preamble = b"\0" * 128
+    ds.save_as(tmp_path / "mismatch.dcm", enforce_file_format=False)  # keeps the meta as set
+    reply = send_file_as_is(scp, tmp_path / "mismatch.dcm", ds.SOPClassUID)
+    assert reply.Status == status.DATASET_DOES_NOT_MATCH_SOP_CLASS
+
+    # A file cut short in its pixel data.
+    data = path.read_bytes()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(data[:-200])
+    reply = send_file_as_is(scp, cut, ds.SOPClassUID)
+    assert reply.Status == status.CANNOT_UNDERSTAND
+    assert "truncated" in reply.ErrorComment
+
+    # Meta information followed by something that is not a dataset.
+    garbage = tmp_path / "garbage.dcm"
+    garbage.write_bytes(data[: 144 + int.from_bytes(data[140:144], "little")] + b"\xff\xfe\x00\xe0" * 300)
+    reply = send_file_as_is(scp, garbage, ds.SOPClassUID)
+    assert reply.Status in (status.CANNOT_UNDERSTAND,)
+
+    assert Instance.objects.count() == 0
+    assert Study.objects.count() == 0
+    assert_consistent(storage_dir)
+    # The SCP is still serving.
+    assoc = associate(scp)
+    assert assoc.send_c_store(make_dataset()).Status == status.SUCCESS
+    assoc.release()
+
+
+def test_a_disk_that_fails_mid_write_gets_out_of_resources(scp: Scp, storage_dir: Path, monkeypatch) -> None:
+    def full(temp, relative):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage, "publish", full)
+    assoc = associate(scp)
+    reply = assoc.send_c_store(make_dataset())
+    assoc.release()
+    assert reply.Status == status.OUT_OF_RESOURCES
+    assert Instance.objects.count() == Study.objects.count() == 0
+    assert_consistent(storage_dir)
+
+
+def test_a_database_failure_gets_a_processing_failure(scp: Scp, storage_dir: Path, monkeypatch) -> None:
+    def broken(*args, **kwargs):
+        raise DatabaseError("database is locked")
+
+    monkeypatch.setattr(Instance.objects, "create", broken)
+    assoc = associate(scp)
+    reply = assoc.send_c_store(make_dataset())
+    assoc.release()
+    assert reply.Status == status.PROCESSING_FAILURE
+    assert "database error" in reply.ErrorComment
+    monkeypatch.undo()
+    assert Instance.objects.count() == 0
+    assert_consistent(storage_dir)
+
+
+def test_two_associations_storing_into_one_study_keep_exact_counts(scp: Scp, storage_dir: Path) -> None:
+    study_uid = "1.2.826.0.1.3680043.10.2"
+    failures: list[int] = []
+
+    def send(series: int) -> None:
+        assoc = associate(scp, calling=f"MOD{series}")
+        for _ in range(15):
+            ds = make_dataset(study_uid=study_uid, series_uid=f"{study_uid}.{series}", modality=("CT", "MR")[series])
+            reply = assoc.send_c_store(ds)
+            if reply.Status != status.SUCCESS:
+                failures.append(reply.Status)
+        assoc.release()
+
+    threads = [threading.Thread(target=send, args=(n,)) for n in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+    study = Study.objects.get(study_instance_uid=study_uid)
+    assert study.number_of_study_related_instances == 30
+    assert study.number_of_study_related_series == 2
+    assert study.modalities_in_study == "CT\\MR"
+    assert [s.number_of_series_related_instances for s in Series.objects.order_by("series_instance_uid")] == [15, 15]
+    assert study.study_size == sum(Instance.objects.values_list("file_size", flat=True))
+    assert_consistent(storage_dir)
+
+
+STORESCU_CASES = [
+    ("CT_small.dcm", []),
+    ("MR_small_bigendian.dcm", ["-xb"]),
+    ("JPEG2000.dcm", ["-xw"]),
+    ("MR_small_jp2klossless.dcm", ["-xv"]),
+    ("SC_rgb_rle.dcm", ["-xr"]),
+    ("MR_small_jpeg_ls_lossless.dcm", ["-xt"]),
+    ("JPEG-lossy.dcm", ["-xx"]),
+    ("SC_rgb_jpeg_dcmtk.dcm", ["-xy"]),
+    ("image_dfl.dcm", ["-xd"]),
+]
+
+
+@pytest.mark.parametrize("name, options", STORESCU_CASES)
+def test_dcmtk_storescu_files_are_kept_as_sent(scp: Scp, storage_dir: Path, name: str, options: list[str]) -> None:
+    path = Path(get_testdata_file(name))
+    result = run_dcmtk("storescu", *options, "-aet", "DCMTK", "-aec", "PACSPORTAL", "127.0.0.1", str(scp.port), str(path))
+    assert result.returncode == 0, result.stderr
+    instance = Instance.objects.get()
+    stored = storage.absolute(instance.file_path)
+    sent, kept = pydicom.dcmread(path), pydicom.dcmread(stored)
+    # Kept in its transfer syntax, pixel data untouched (never decoded or transcoded);
+    # storescu re-encodes the rest (it drops group lengths and padding), so compare values.
+    assert kept.file_meta.TransferSyntaxUID == sent.file_meta.TransferSyntaxUID == instance.transfer_syntax_uid
+    assert kept.PixelData == sent.PixelData
+    def comparable(ds):
+        skipped = (0xFFFCFFFC, 0x7FE00010)  # padding; pixel data compared above (its VR may change OW->OB)
+        return [(e.tag, e.value) for e in ds if e.tag.element != 0 and e.tag not in skipped]
+
+    assert comparable(kept) == comparable(sent)
+    assert instance.source_ae_title == "DCMTK"
+    assert_consistent(storage_dir)
+
+
+def test_dcmtk_storescu_sends_a_folder_of_mixed_studies(scp: Scp, storage_dir: Path, tmp_path: Path) -> None:
+    for i in range(12):
+        write_part10(make_dataset(modality=("CT", "MR", "US")[i % 3], study_uid=f"1.2.826.0.1.77.{i % 2}"), tmp_path / f"{i}.dcm")
+    result = run_dcmtk("storescu", "+sd", "+r", "-aec", "PACSPORTAL", "127.0.0.1", str(scp.port), str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert Instance.objects.count() == 12
+    assert sorted(Study.objects.values_list("number_of_study_related_instances", flat=True)) == [6, 6]
+    assert_consistent(storage_dir)
+
+
+def test_it_checks_the_called_ae_title(scp: Scp) -> None:
+    assoc = associate(scp, called="SOMEONE_ELSE")
+    assert assoc.is_rejected
+    result = run_dcmtk("echoscu", "-aec", "WRONG", "127.0.0.1", str(scp.port))
+    assert result.returncode != 0
+    assert "Called AE Title Not Recognized" in result.stdout + result.stderr
+
+
+def test_an_allow_list_refuses_unknown_calling_aes(transactional_db) -> None:
+    scp = Scp(ae_title="PACSPORTAL", port=0, bind="127.0.0.1", allowed_calling_aets=["CT01"])
+    scp.start()
+    try:
+        refused = associate(scp, calling="INTRUDER")
+        assert refused.is_rejected
+        allowed = associate(scp, calling="CT01")
+        assert allowed.is_established
+        assert allowed.send_c_store(make_dataset()).Status == status.SUCCESS
+        allowed.release()
+        result = run_dcmtk("echoscu", "-aet", "INTRUDER", "-aec", "PACSPORTAL", "127.0.0.1", str(scp.port))
+        assert "Calling AE Title Not Recognized" in result.stdout + result.stderr
+    finally:
+        scp.stop(timeout=5)
+    assert Instance.objects.count() == 1
