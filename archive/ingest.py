@@ -125,7 +125,7 @@ def ingest_file(path: Path | str, source: Source, *, take: bool = False, expecte
     temp: Path | None = path if take else None
     try:
         if take:
-            if path.parent != storage.incoming_dir():
+            if not storage.same_filesystem(path):
                 temp = storage.new_temp_path()
                 shutil.move(path, temp)
             size, sha256 = storage.hash_file(temp)

@@ -64,6 +64,14 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def same_filesystem(path: Path) -> bool:
+    """Return True when ``path`` can be renamed into the storage root."""
+    try:
+        return os.stat(path).st_dev == os.stat(root()).st_dev
+    except OSError:
+        return False
+
+
 def copy_to_temp(source: BinaryIO) -> tuple[Path, int, str]:
     """Copy a stream to a new temporary file; return (path, size, sha256). Removes it on error."""
     temp = new_temp_path()
@@ -103,11 +111,39 @@ def publish(temp: Path, relative: str) -> None:
     fsync_dir(final.parent)
 
 
+def receive_dir() -> Path:
+    """Return (creating it) this process's own directory for datasets being received.
+
+    pynetdicom writes each C-STORE dataset there as it arrives; a dataset whose
+    association is aborted leaves a partial file, which ``discard_receive_dir`` (at a
+    clean stop) or ``clean_incoming`` (at the next start) removes.
+    """
+    path = incoming_dir() / f"pid-{os.getpid()}"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def discard_receive_dir() -> None:
+    """Remove this process's receive directory and the partial datasets in it."""
+    shutil.rmtree(incoming_dir() / f"pid-{os.getpid()}", ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def clean_incoming(older_than: float = 3600.0) -> int:
     """Delete temporary files a killed process left behind; return how many.
 
-    Only files untouched for ``older_than`` seconds go: other processes (SCP workers,
-    imports, the web server) may be writing fresh ones right now.
+    Receive directories of processes that no longer run go whole. Loose temporary files
+    go once untouched for ``older_than`` seconds: other processes (SCP workers, imports,
+    the web server) may be writing fresh ones right now.
     """
     path = root() / INCOMING
     if not path.is_dir():
@@ -116,7 +152,12 @@ def clean_incoming(older_than: float = 3600.0) -> int:
     limit = time.time() - older_than
     for entry in path.iterdir():
         try:
-            if entry.is_file() and entry.stat().st_mtime < limit:
+            if entry.is_dir() and entry.name.startswith("pid-"):
+                pid = int(entry.name[4:]) if entry.name[4:].isdigit() else 0
+                if pid and not _alive(pid):
+                    count += sum(1 for _ in entry.iterdir())
+                    shutil.rmtree(entry, ignore_errors=True)
+            elif entry.is_file() and entry.stat().st_mtime < limit:
                 entry.unlink(missing_ok=True)
                 count += 1
         except OSError:

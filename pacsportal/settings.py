@@ -151,8 +151,8 @@ PACS_MAX_ASSOCIATIONS = envint("PACS_MAX_ASSOCIATIONS", 32, minimum=1)
 PACS_SCP_WORKERS = envint("PACS_SCP_WORKERS", 1, minimum=1)
 # What a second copy of a stored SOP Instance UID does: keep the first, or replace it.
 PACS_DUPLICATE_POLICY = envchoice("PACS_DUPLICATE_POLICY", "keep", {"keep", "overwrite"})
-# Seconds runscp waits for associations in flight when asked to stop.
-PACS_SCP_STOP_TIMEOUT = envint("PACS_SCP_STOP_TIMEOUT", 30, minimum=0)
+# Seconds runscp waits for the C-STOREs being stored when asked to stop.
+PACS_SCP_STOP_TIMEOUT = envint("PACS_SCP_STOP_TIMEOUT", 10, minimum=0)
 
 LOGGING = {
     "version": 1,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-import time
 
 from django.db import connection
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, _config, evt
@@ -178,17 +177,18 @@ class Scp:
         log.info("SCP %s listening on %s:%d", self.ae_title, self.address[0], self.port)
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop accepting, let associations finish for up to ``timeout`` seconds, then abort
-        the rest once no store is in flight. A store in flight always completes."""
+        """Stop: accept no association, let the C-STOREs being stored finish (up to
+        ``timeout`` seconds), refuse any later one, then abort the associations left.
+
+        A dataset still being received when the association is aborted is discarded
+        (the sender was never told it was stored); nothing is ever half-written.
+        """
         if self.server is None:
             return
         server = self.server
         server.shutdown()  # stops accepting and closes the listening socket
-        deadline = time.monotonic() + timeout
-        while server.active_associations and time.monotonic() < deadline:
-            time.sleep(0.05)
-        self.in_flight.wait_idle(max(0.0, deadline - time.monotonic()) + 60)
+        if not self.in_flight.close(timeout):
+            log.warning("stores still running after %.0f s", timeout)
         for assoc in server.active_associations:
             assoc.abort()
-        self.in_flight.wait_idle(60)
         self.server = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
@@ -47,24 +48,31 @@ class AssociationStats:
 
 
 class InFlight:
-    """Counts C-STORE handlers running, so that a stop can wait for them to finish."""
+    """Counts the C-STORE handlers running, so that a stop lets them finish and starts no more."""
 
     def __init__(self) -> None:
         self._count = 0
+        self._closing = False
         self._idle = threading.Condition()
 
-    def __enter__(self) -> None:
+    def begin(self) -> bool:
+        """Register a handler; False once closing (the request is then refused)."""
         with self._idle:
+            if self._closing:
+                return False
             self._count += 1
+            return True
 
-    def __exit__(self, *exc: object) -> None:
+    def end(self) -> None:
         with self._idle:
             self._count -= 1
             if self._count == 0:
                 self._idle.notify_all()
 
-    def wait_idle(self, timeout: float) -> bool:
+    def close(self, timeout: float) -> bool:
+        """Start no more handlers; wait up to ``timeout`` seconds for the running ones."""
         with self._idle:
+            self._closing = True
             return self._idle.wait_for(lambda: self._count == 0, timeout)
 
 
@@ -75,26 +83,35 @@ def source_of(event: events.Event) -> Source:
 
 def handle_store(event: events.Event, stats_for, in_flight: InFlight) -> int | Dataset:
     """EVT_C_STORE: store the dataset pynetdicom wrote to ``event.dataset_path``."""
-    with in_flight:
+    if not in_flight.begin():
+        Path(event.dataset_path).unlink(missing_ok=True)
+        stats_for(event.assoc).count(Outcome.OUT_OF_RESOURCES)
+        return _failure(status.OUT_OF_RESOURCES, "the archive is shutting down; send again later")
+    try:
         request = event.request
         expected = Expected(
             sop_class_uid=str(request.AffectedSOPClassUID or ""),
             sop_instance_uid=str(request.AffectedSOPInstanceUID or ""),
         )
         result = ingest_file(event.dataset_path, source_of(event), take=True, expected=expected)
-        stats_for(event.assoc).count(result.outcome)
-        code = STATUS_FOR[result.outcome]
-        if result.outcome in (Outcome.STORED, Outcome.DUPLICATE):
-            log.debug("stored %s (%s)", result.sop_instance_uid, result.outcome.value)
-            return code
-        log.warning(
-            "C-STORE from %s failed (0x%04X): %s [SOP Instance %s]",
-            event.assoc.requestor.ae_title,
-            code,
-            result.reason,
-            result.sop_instance_uid or expected.sop_instance_uid,
-        )
-        reply = Dataset()
-        reply.Status = code
-        reply.ErrorComment = result.reason[:64]  # LO: 64 characters
-        return reply
+    finally:
+        in_flight.end()
+    stats_for(event.assoc).count(result.outcome)
+    code = STATUS_FOR[result.outcome]
+    if result.ok:
+        return code
+    log.warning(
+        "C-STORE from %s failed (0x%04X): %s [SOP Instance %s]",
+        event.assoc.requestor.ae_title,
+        code,
+        result.reason,
+        result.sop_instance_uid or expected.sop_instance_uid,
+    )
+    return _failure(code, result.reason)
+
+
+def _failure(code: int, reason: str) -> Dataset:
+    reply = Dataset()
+    reply.Status = code
+    reply.ErrorComment = reason[:64]  # LO: 64 characters
+    return reply

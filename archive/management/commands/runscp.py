@@ -42,9 +42,6 @@ class Command(BaseCommand):
         removed = storage.clean_incoming()
         if removed:
             log.info("removed %d temporary files left by an earlier run", removed)
-        # pynetdicom receives each dataset into a temporary file: keep those on the storage
-        # filesystem so that storing one is a rename, not a copy.
-        tempfile.tempdir = str(storage.incoming_dir())
         workers = options["workers"]
         if workers < 1:
             raise CommandError("--workers must be at least 1")
@@ -64,6 +61,9 @@ class Command(BaseCommand):
         )
 
     def serve(self, ae_title: str, options: dict, reuse_port: bool) -> None:
+        # pynetdicom receives each dataset into a temporary file: keep those on the storage
+        # filesystem, in this process's own folder, so that storing one is a rename.
+        tempfile.tempdir = str(storage.receive_dir())
         stop = threading.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
@@ -77,6 +77,7 @@ class Command(BaseCommand):
         stop.wait()
         log.info("stopping: finishing the associations in flight")
         scp.stop(timeout=settings.PACS_SCP_STOP_TIMEOUT)
+        storage.discard_receive_dir()
         log.info("SCP stopped")
 
     def supervise(self, ae_title: str, options: dict, workers: int) -> None:
@@ -113,6 +114,7 @@ class Command(BaseCommand):
                     os._exit(code)
             children[pid] = slot
 
+        quick_failures: list[float] = []
         for slot in range(workers):
             spawn(slot)
         while children:
@@ -123,10 +125,15 @@ class Command(BaseCommand):
             except InterruptedError:
                 continue
             slot = children.pop(pid, None)
-            if slot is None:
+            if slot is None or stopping.is_set():
                 continue
-            if not stopping.is_set():
-                log.error("SCP worker %d (pid %d) exited with status %d; restarting it", slot, pid, status)
-                time.sleep(1)
-                spawn(slot)
+            now = time.monotonic()
+            quick_failures = [t for t in quick_failures if now - t < 60] + [now]
+            if len(quick_failures) > 5:
+                log.error("SCP workers keep failing; stopping them all")
+                forward(signal.SIGTERM, None)
+                continue
+            log.error("SCP worker %d (pid %d) exited with status %d; restarting it", slot, pid, status)
+            time.sleep(1)
+            spawn(slot)
         log.info("all SCP workers stopped")
