@@ -205,19 +205,19 @@ class Processes:
         return code
 
     def stop(self, proc: subprocess.Popen, grace: float = 15.0) -> None:
-        """SIGTERM the process group, then SIGKILL it if it is still there after ``grace`` s."""
+        """SIGTERM the process group (runscp's supervisor stops its workers itself); SIGKILL
+        the whole group if the leader is still there after ``grace`` seconds."""
         if proc.poll() is None:
             self._signal_group(proc, signal.SIGTERM)
             try:
                 proc.wait(grace)
             except subprocess.TimeoutExpired:
-                pass
-        # Also kill what the process may have left in its group (runscp's forked workers).
-        self._signal_group(proc, signal.SIGKILL)
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
+                # The leader is not reaped yet, so the group id is still ours to kill.
+                self._signal_group(proc, signal.SIGKILL)
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    pass
         self._forget(proc)
 
     def stop_all(self) -> None:
@@ -304,8 +304,10 @@ def build_series(folder: Path, slices: int = SLICES) -> Series:
     folder.mkdir(parents=True, exist_ok=True)
     study_uid, series_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
     # A 12-bit pattern (gradient plus rings); each slice is the pattern rolled by a few rows.
+    cy, cx = ROWS // 2, COLUMNS // 2
     base = array.array(
-        "H", (((x * 3 + y * 5) + ((x - 256) ** 2 + (y - 256) ** 2) // 64) % 4096 for y in range(ROWS) for x in range(COLUMNS))
+        "H",
+        ((x * 3 + y * 5 + ((x - cx) ** 2 + (y - cy) ** 2) // 64) % 4096 for y in range(ROWS) for x in range(COLUMNS)),
     )
     if sys.byteorder != "little":
         base.byteswap()
@@ -436,6 +438,7 @@ class OrthancReceiver(Receiver):
             "StorageDirectory": str(self.run_dir / "storage"),
             "IndexDirectory": str(self.run_dir / "index"),
             "StorageCompression": False,
+            "SyncStorageArea": True,  # Orthanc's default since 1.7.4: fsync each file, like pacsportal
             "DicomServerEnabled": True,
             "DicomAet": self.ae_title,
             "DicomPort": self.port,
@@ -634,8 +637,8 @@ def tool_version(args: list[str]) -> str:
         done = subprocess.run(args, capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired):
         return "?"
-    lines = [line.strip() for line in (done.stdout + done.stderr).splitlines() if line.strip()]
-    return lines[0] if lines else "?"
+    lines = [line.strip(" $") for line in (done.stdout + done.stderr).splitlines() if line.strip(" $")]
+    return lines[0].replace("dcmtk: ", "DCMTK ") if lines else "?"
 
 
 def ratio(value: float | None, reference: float | None) -> str:
@@ -705,6 +708,9 @@ def target_lines(results: list[Result], series: Series) -> list[str]:
         seconds = best.get(config)
         return len(series.files) / seconds if seconds else None
 
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
     lines = []
     for config in best:
         if config.kind != "pacs":
@@ -716,7 +722,6 @@ def target_lines(results: list[Result], series: Series) -> list[str]:
         if value is None or naive is None or orthanc is None:
             lines.append(f"- {name}: not measured (a run failed)")
             continue
-        verdict = lambda ok: "met" if ok else "NOT met"  # noqa: E731
         if config.associations == 1:
             lines.append(
                 f"- {name}: floor 0.8x naive {verdict(value >= 0.8 * naive)} ({value / naive:.2f}x); "
@@ -727,11 +732,24 @@ def target_lines(results: list[Result], series: Series) -> list[str]:
     return lines
 
 
+def load_average() -> str:
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def write_markdown(
-    path: Path, rows: list[list[str]], targets: list[str], results: list[Result], series: Series, args: argparse.Namespace
+    path: Path,
+    rows: list[list[str]],
+    targets: list[str],
+    results: list[Result],
+    series: Series,
+    args: argparse.Namespace,
 ) -> None:
-    errors = [f"- {r.config.receiver}, {r.config.database}, {r.config.associations}: {e}" for r in results for e in r.errors]
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    """Write the run's table, setting and target verdicts as a markdown file."""
+    errors = [
+        f"- {r.config.receiver}, {r.config.database}, {r.config.associations}: {error}"
+        for r in results
+        for error in r.errors
+    ]
     text = [
         f"# Ingest (C-STORE) benchmark, {dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
         "",
@@ -741,7 +759,8 @@ def write_markdown(
         f"{series.total_bytes / MB:.1f} MB; MB = 10^6 bytes",
         f"- sender: DCMTK storescu with TCP_NODELAY=1, 1 association or {PARALLEL} parallel associations",
         f"- best of {args.repeats} run(s) per row, each run on a fresh empty store",
-        f"- machine: {os.cpu_count()} CPUs, {platform.platform()}, load average at the end {load}",
+        f"- machine: {os.cpu_count()} CPUs, {platform.platform()}; "
+        f"load average at the start {args.load_start}, at the end {load_average()}",
         f"- Python {platform.python_version()}, pydicom {pydicom.__version__}, pynetdicom {pynetdicom.__version__}, "
         f"{tool_version(['storescu', '--version'])}, {tool_version([ORTHANC_BINARY, '--version'])}",
         "",
@@ -761,12 +780,13 @@ def write_markdown(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one run per measurement instead of two")
     parser.add_argument("--db", choices=["sqlite", "postgres", "both"], default="sqlite", help="pacsportal's database")
     parser.add_argument("--pg-admin-url", default=DEFAULT_PG_ADMIN_URL, help="where to create the throw-away databases")
     args = parser.parse_args(argv)
     args.repeats = 1 if args.quick else 2
+    args.load_start = load_average()
     return args
 
 

@@ -12,10 +12,6 @@ import socket
 import threading
 
 from django.db import connection
-from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, _config, evt
-from pynetdicom.association import Association
-from pynetdicom.sop_class import Verification
-from pynetdicom.transport import ThreadedAssociationServer
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
@@ -24,11 +20,16 @@ from pydicom.uid import (
     HTJ2KLosslessRPCL,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
+    JPEG2000MCLossless,
     JPEGLossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
     RLELossless,
 )
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
 
 from archive.dimse.store import AssociationStats, InFlight, handle_store
 
@@ -38,6 +39,10 @@ log = logging.getLogger("archive.dimse")
 # parsed, the pixel data is never decoded.
 _config.STORE_RECV_CHUNKED_DATASET = True
 
+
+# Identifies pacsportal in association negotiation (PS3.7 D.3.3.2); a UUID-derived UID (PS3.5 B.2).
+IMPLEMENTATION_CLASS_UID = "2.25.179811143393248142663940145561689325540"
+IMPLEMENTATION_VERSION_NAME = "PACSPORTAL_0_1"
 
 # pynetdicom accepts, for each presentation context, the first of these that the requestor
 # proposes: so this is our order of preference. Uncompressed explicit VR first, then the
@@ -50,8 +55,11 @@ _LOSSLESS = [
     JPEG2000Lossless,
     HTJ2KLossless,
     HTJ2KLosslessRPCL,
+    JPEG2000MCLossless,
+    "1.2.840.10008.1.2.4.110",  # JPEG XL Lossless
     RLELossless,
     DeflatedExplicitVRLittleEndian,
+    "1.2.840.10008.1.2.8.1",  # Deflated Image Frame Compression
 ]
 _UNCOMPRESSED = [ImplicitVRLittleEndian, ExplicitVRBigEndian]
 ACCEPTED_TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, *_LOSSLESS, *_UNCOMPRESSED] + [
@@ -105,6 +113,8 @@ class Scp:
         self.server: PacsAssociationServer | None = None
 
         ae = AE(ae_title=ae_title)
+        ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+        ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
         ae.require_called_aet = True
         ae.maximum_associations = max_associations
         ae.maximum_pdu_size = max_pdu_size
