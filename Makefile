@@ -33,7 +33,7 @@ run: migrate
 	@echo "  first admin: $(PY) manage.py createsuperuser"
 	@echo "  stop: Ctrl-C"
 	@echo ""
-	PYTHONUNBUFFERED=1 $(BIN)/honcho -f Procfile start 2>&1 || true
+	PATH="$(abspath $(BIN)):$$PATH" PYTHONUNBUFFERED=1 $(BIN)/honcho -f Procfile start 2>&1 || true
 
 test: setup-dev
 	$(PY) manage.py collectstatic --noinput --verbosity 0

@@ -782,7 +782,9 @@ def write_markdown(
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one run per measurement instead of two")
-    parser.add_argument("--db", choices=["sqlite", "postgres", "both"], default="sqlite", help="pacsportal's database")
+    parser.add_argument(
+        "--db", choices=["sqlite", "postgres", "both"], default="sqlite", help="pacsportal's database (default: sqlite)"
+    )
     parser.add_argument("--pg-admin-url", default=DEFAULT_PG_ADMIN_URL, help="where to create the throw-away databases")
     args = parser.parse_args(argv)
     args.repeats = 1 if args.quick else 2

@@ -163,5 +163,6 @@ LOGGING = {
     "loggers": {
         "archive": {"level": envstr("PACS_LOG_LEVEL", "INFO").upper(), "propagate": True},
         "pynetdicom": {"level": "WARNING", "propagate": True},
+        "django-q": {"level": "INFO", "propagate": True},
     },
 }
