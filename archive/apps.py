@@ -4,3 +4,11 @@ from django.apps import AppConfig
 class ArchiveConfig(AppConfig):
     name = "archive"
     verbose_name = "Archive"
+
+    def ready(self) -> None:
+        import pydicom.config
+
+        # The archive keeps datasets as received and checks what it depends on itself
+        # (identifying UIDs, structure): pydicom's per-value validation on reading only
+        # costs time (a regular expression per value) and fills the logs with warnings.
+        pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE

@@ -8,7 +8,9 @@ channel (C-STORE, STOW-RS, upload, import) can share them and tests can call the
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
+import os
 import re
 import struct
 import unicodedata
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from pydicom.dataset import Dataset, FileDataset
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.tag import Tag
 from pydicom.uid import UID
@@ -27,8 +29,6 @@ _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 UNDEFINED_LENGTH = 0xFFFFFFFF
 # Elements never copied into the JSON header: the bulk data the viewer reads from the file.
 PIXEL_TAGS = frozenset(Tag(t) for t in (0x7FE00010, 0x7FE00008, 0x7FE00009))
-# Values above this size are deferred when reading a header (kept on disk, not in memory).
-DEFER_SIZE = 16 * 1024
 JSON_BULK_THRESHOLD = 1024
 # UIDs are validated whole (a clipped UID would be another, valid-looking UID).
 UNCLIPPED = 1024
@@ -43,50 +43,67 @@ def is_valid_uid(value: str) -> bool:
     return bool(value) and len(value) <= 64 and _UID_RE.match(value) is not None
 
 
-def read_part10(path: Path | str) -> FileDataset:
-    """Read a DICOM Part 10 file's dataset, deferring bulk values, and check it is whole.
-
-    Raises ``DicomFileError`` when the file is not DICOM Part 10 (no "DICM" prefix and no
-    file meta information), cannot be parsed, or is truncated (an element's declared
-    length runs past the end of the file, or pixel data was cut off).
-    """
+def read_part10(path: Path | str) -> Dataset:
+    """Read the DICOM Part 10 file at ``path`` (see ``parse_part10``)."""
     path = Path(path)
-    size = path.stat().st_size  # OSError here is an I/O problem, not bad data
+    with open(path, "rb") as fp:  # OSError here is an I/O problem, not bad data
+        return parse_part10(fp, os.fstat(fp.fileno()).st_size)
+
+
+def parse_part10(fp: Any, size: int) -> Dataset:
+    """Parse a DICOM Part 10 file's header (all but the pixel data) and check it is whole.
+
+    ``fp`` is a seekable binary file or an ``mmap`` of ``size`` bytes. Pixel data is never
+    read: its presence and length are checked by walking the element structure.
+    Raises ``DicomFileError`` when the bytes are not DICOM Part 10 (no "DICM" prefix and
+    no file meta information), cannot be parsed, or are cut short (an element's declared
+    length runs past the end, or an image has no pixel data).
+    """
     try:
-        ds = pydicom.dcmread(path, defer_size=DEFER_SIZE)
+        fp.seek(0)
+        ds = pydicom.dcmread(fp, stop_before_pixels=True)
+        syntax = ds.file_meta.TransferSyntaxUID if "TransferSyntaxUID" in getattr(ds, "file_meta", ()) else None
+        if syntax == pydicom.uid.DeflatedExplicitVRLittleEndian:
+            fp.seek(0)
+            ds = pydicom.dcmread(fp)  # a deflate stream: inflated whole, pixels included
     except InvalidDicomError as exc:
         raise DicomFileError(f"not a DICOM Part 10 file ({exc})") from exc
     except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on malformed input
         raise DicomFileError(f"unreadable DICOM file: {exc or type(exc).__name__}") from exc
-    if not getattr(ds, "file_meta", None) or "TransferSyntaxUID" not in ds.file_meta:
+    if syntax is None:
         raise DicomFileError("no file meta information with a Transfer Syntax UID")
-    check_complete(ds, path, size)
+    if syntax == pydicom.uid.DeflatedExplicitVRLittleEndian:
+        has_pixels = any(t in ds for t in PIXEL_TAGS)  # zlib checked the stream's integrity
+    else:
+        has_pixels = check_complete(fp, size, syntax)
+    # Pixel Data is Type 1 in every image IOD: its absence means a cut-off file.
+    if is_image_storage(str(ds.get("SOPClassUID", ""))) and not has_pixels:
+        raise DicomFileError("truncated file: an image without Pixel Data")
     return ds
 
 
-def check_complete(ds: Dataset, path: Path, size: int) -> None:
-    """Raise ``DicomFileError`` when the file at ``path`` is cut off or malformed.
+def check_complete(fp: Any, size: int, syntax: UID) -> bool:
+    """Walk the element structure of a Part 10 file; return whether it has pixel data.
 
     pydicom reads leniently: a value cut short is kept short and an undefined-length
-    element that ends before its delimiter is dropped without an error. So the file's
-    element structure is walked here (PS3.5 7.1 and 7.5: tags, lengths, items and
-    delimiters; values are skipped, never read) and every length must fit in the file.
+    element that ends before its delimiter is dropped without an error. So the structure
+    is walked here (PS3.5 7.1 and 7.5: tags, lengths, items and delimiters; values are
+    skipped, never read) and every length must fit in the file, else ``DicomFileError``.
     """
-    syntax = ds.file_meta.TransferSyntaxUID
-    if syntax == pydicom.uid.DeflatedExplicitVRLittleEndian:
-        return  # the dataset is a deflate stream; zlib checks its own integrity on reading
-    with open(path, "rb") as fp:
-        fp.seek(128)
-        start = 132 if fp.read(4) == b"DICM" else 0
-        fp.seek(start)
-        walker = _Walker(fp, size, explicit=True, little=True)
-        walker.elements(until_group_changes_from=0x0002)
-        walker.explicit = not syntax.is_implicit_VR
-        walker.little = syntax.is_little_endian
-        walker.elements()
-    # Pixel Data is Type 1 in every image IOD: its absence means a cut-off file.
-    if is_image_storage(str(ds.get("SOPClassUID", ""))) and not any(t in ds for t in PIXEL_TAGS):
-        raise DicomFileError("truncated file: an image without Pixel Data")
+    fp.seek(128)
+    start = 132 if fp.read(4) == b"DICM" else 0
+    fp.seek(start)
+    walker = _Walker(fp, size, explicit=True, little=True)
+    walker.elements(until_group_changes_from=0x0002)
+    walker.explicit = not syntax.is_implicit_VR
+    walker.little = syntax.is_little_endian
+    walker.elements()
+    return walker.pixel_data_seen
+
+
+def is_image_storage(sop_class_uid: str) -> bool:
+    """Return True for the image storage SOP classes, whose IODs require Pixel Data."""
+    return "Image Storage" in UID(sop_class_uid).name if sop_class_uid else False
 
 
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
@@ -98,6 +115,7 @@ class _Walker:
 
     def __init__(self, fp: Any, size: int, explicit: bool, little: bool) -> None:
         self.fp, self.size, self.explicit, self.little = fp, size, explicit, little
+        self.pixel_data_seen = False
 
     def _truncated(self, what: str) -> DicomFileError:
         return DicomFileError(f"truncated file: {what} at byte {self.fp.tell()} of {self.size}")
@@ -146,6 +164,8 @@ class _Walker:
             tag, vr, length = self.header()
             if tag == _ITEM_END and in_item:
                 return
+            if tag in PIXEL_TAGS and not in_item:
+                self.pixel_data_seen = True
             if length != UNDEFINED_LENGTH:
                 self.skip(length, tag)
             elif tag == 0x7FE00010:
@@ -170,11 +190,6 @@ class _Walker:
                 raise DicomFileError("malformed file: a pixel data fragment of undefined length")
             else:
                 self.elements(in_item=True)
-
-
-def is_image_storage(sop_class_uid: str) -> bool:
-    """Return True for the image storage SOP classes, whose IODs require Pixel Data."""
-    return "Image Storage" in UID(sop_class_uid).name if sop_class_uid else False
 
 
 @dataclass
@@ -313,7 +328,7 @@ def extract_header(ds: Dataset) -> Header:
         "rows": _int(ds, "Rows"),
         "columns": _int(ds, "Columns"),
         "bits_allocated": _int(ds, "BitsAllocated"),
-        "number_of_frames": _int(ds, "NumberOfFrames") or (1 if "PixelData" in ds else None),
+        "number_of_frames": _int(ds, "NumberOfFrames") or (1 if "Rows" in ds else None),
         "image_position_patient": _floats(ds, "ImagePositionPatient", 3),
         "image_orientation_patient": _floats(ds, "ImageOrientationPatient", 6),
         "slice_location": _float(ds, "SliceLocation"),
@@ -352,13 +367,15 @@ def json_header(ds: Dataset) -> dict[str, Any]:
     """Return the DICOM JSON model (PS3.18 F.2) of ``ds`` without pixel data.
 
     Binary values over 1 KiB are not inlined: they get a ``BulkDataURI`` naming their
-    tag, relative to the instance, for the DICOMweb layer to complete.
+    tag, relative to the instance, for the DICOMweb layer to complete. NUL characters
+    (which PostgreSQL's jsonb refuses) are removed from text.
     """
-    header = Dataset()
-    for tag in ds.keys():
-        if tag in PIXEL_TAGS:
-            continue
-        header.add(ds[tag])  # a deferred value is read here; only pixel data stays on disk
+    header = ds
+    if any(tag in ds for tag in PIXEL_TAGS):
+        header = Dataset()
+        for tag in ds.keys():
+            if tag not in PIXEL_TAGS:
+                header.add(ds[tag])
 
     def bulk_uri(element: Any) -> str:
         return f"bulkdata/{int(element.tag):08X}"
@@ -371,4 +388,6 @@ def json_header(ds: Dataset) -> dict[str, Any]:
         )
     except Exception:  # noqa: BLE001 - a header pydicom cannot express stays indexed without JSON
         return {}
-    return _strip_nul(data)
+    if "\\u0000" in json.dumps(data):
+        data = _strip_nul(data)
+    return data

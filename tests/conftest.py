@@ -105,12 +105,16 @@ def free_port() -> int:
 
 
 @pytest.fixture(autouse=True)
-def storage_dir(settings, tmp_path: Path) -> Path:
-    """Every test gets its own empty storage directory."""
+def storage_dir(settings, tmp_path: Path) -> Iterator[Path]:
+    """Every test gets its own empty storage directory (and an empty series cache)."""
+    from archive.ingest import series_cache
+
     path = tmp_path / "storage"
     path.mkdir()
     settings.PACS_STORAGE_DIR = path
-    return path
+    series_cache.clear()
+    yield path
+    series_cache.clear()
 
 
 @pytest.fixture

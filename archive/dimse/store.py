@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 from dataclasses import dataclass, field
 
@@ -35,10 +36,12 @@ class AssociationStats:
     stored: int = 0
     duplicates: int = 0
     failed: int = 0
+    seconds: float = 0.0  # spent storing (after reception), for the closing log line
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def count(self, outcome: Outcome) -> None:
+    def count(self, outcome: Outcome, seconds: float = 0.0) -> None:
         with self.lock:
+            self.seconds += seconds
             if outcome is Outcome.STORED:
                 self.stored += 1
             elif outcome is Outcome.DUPLICATE:
@@ -87,6 +90,7 @@ def handle_store(event: events.Event, stats_for, in_flight: InFlight) -> int | D
         Path(event.dataset_path).unlink(missing_ok=True)
         stats_for(event.assoc).count(Outcome.OUT_OF_RESOURCES)
         return _failure(status.OUT_OF_RESOURCES, "the archive is shutting down; send again later")
+    started = time.perf_counter()
     try:
         request = event.request
         expected = Expected(
@@ -96,7 +100,7 @@ def handle_store(event: events.Event, stats_for, in_flight: InFlight) -> int | D
         result = ingest_file(event.dataset_path, source_of(event), take=True, expected=expected)
     finally:
         in_flight.end()
-    stats_for(event.assoc).count(result.outcome)
+    stats_for(event.assoc).count(result.outcome, time.perf_counter() - started)
     code = STATUS_FOR[result.outcome]
     if result.ok:
         return code

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
 import threading
 from pathlib import Path
 
@@ -170,7 +171,7 @@ def test_a_full_disk_at_publication_leaves_neither_row_nor_file(storage_dir: Pat
     def full(temp, relative):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(storage, "publish", full)
+    monkeypatch.setattr(storage, "link_into_place", full)
     result = ingest_bytes(part10(make_dataset()), SOURCE)
     assert result.outcome is Outcome.OUT_OF_RESOURCES
     assert Instance.objects.count() == Study.objects.count() == Patient.objects.count() == 0
@@ -190,7 +191,7 @@ def test_a_database_error_leaves_no_file(storage_dir: Path, monkeypatch) -> None
     def broken(*args, **kwargs):
         raise DatabaseError("disk I/O error")
 
-    monkeypatch.setattr(Instance.objects, "create", broken)
+    monkeypatch.setattr(ingest, "_insert_instance", broken)
     result = ingest_bytes(part10(make_dataset()), SOURCE)
     assert result.outcome is Outcome.FAILED
     assert "database error" in result.reason
@@ -200,17 +201,46 @@ def test_a_database_error_leaves_no_file(storage_dir: Path, monkeypatch) -> None
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_commit_that_fails_after_publication_removes_the_file(storage_dir: Path, monkeypatch) -> None:
-    real_publish = storage.publish
+@pytest.mark.parametrize("warm_cache", [False, True])
+def test_indexing_that_fails_after_the_file_is_in_place_removes_it(storage_dir: Path, monkeypatch, warm_cache) -> None:
+    study_uid, series_uid = "1.2.826.0.1.3680043.10.7", "1.2.826.0.1.3680043.10.7.1"
+    if warm_cache:  # the series' keys are cached: the fast path
+        assert ingest_dataset(make_dataset(study_uid=study_uid, series_uid=series_uid), SOURCE).ok
 
-    def publish_then_fail(temp, relative):
-        real_publish(temp, relative)
-        raise DatabaseError("connection lost at commit")
+    def lost(*args, **kwargs):
+        raise DatabaseError("connection lost")
 
-    monkeypatch.setattr(storage, "publish", publish_then_fail)
-    result = ingest_bytes(part10(make_dataset()), SOURCE)
+    monkeypatch.setattr(ingest, "_count", lost)
+    result = ingest_dataset(make_dataset(study_uid=study_uid, series_uid=series_uid), SOURCE)
     assert result.outcome is Outcome.FAILED
-    assert Instance.objects.count() == 0
+    monkeypatch.undo()
+    assert Instance.objects.count() == (1 if warm_cache else 0)
+    assert_consistent(storage_dir)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_stale_cached_series_is_recreated(storage_dir: Path) -> None:
+    study_uid, series_uid = "1.2.826.0.1.3680043.10.8", "1.2.826.0.1.3680043.10.8.1"
+    assert ingest_dataset(make_dataset(study_uid=study_uid, series_uid=series_uid), SOURCE).ok
+    for path in stored_files(storage_dir):
+        path.unlink()
+    Study.objects.all().delete()  # deleted behind the cache's back
+    result = ingest_dataset(make_dataset(study_uid=study_uid, series_uid=series_uid), SOURCE)
+    assert result.outcome is Outcome.STORED, result.reason
+    assert Series.objects.get().number_of_series_related_instances == 1
+    assert_consistent(storage_dir)
+
+
+@pytest.mark.django_db
+def test_a_file_left_without_a_row_by_a_killed_process_is_replaced(storage_dir: Path) -> None:
+    ds = make_dataset()
+    orphan = storage.absolute(storage.relative_path_for(ds.SOPInstanceUID))
+    orphan.parent.mkdir(parents=True)
+    orphan.write_bytes(b"half of an old file")
+    os.utime(orphan, (0, 0))  # long ago
+    result = ingest_dataset(ds, SOURCE)
+    assert result.outcome is Outcome.STORED, result.reason
+    assert orphan.read_bytes() == part10(ds)
     assert_consistent(storage_dir)
 
 

@@ -15,7 +15,7 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification
 from pydicom.uid import ExplicitVRLittleEndian
 
-from archive import storage
+from archive import ingest, storage
 from archive.dimse import status
 from archive.dimse.server import Scp
 from archive.models import Instance, Patient, Series, Study
@@ -144,7 +144,7 @@ def test_a_disk_that_fails_mid_write_gets_out_of_resources(scp: Scp, storage_dir
     def full(temp, relative):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(storage, "publish", full)
+    monkeypatch.setattr(storage, "link_into_place", full)
     assoc = associate(scp)
     reply = assoc.send_c_store(make_dataset())
     assoc.release()
@@ -157,7 +157,7 @@ def test_a_database_failure_gets_a_processing_failure(scp: Scp, storage_dir: Pat
     def broken(*args, **kwargs):
         raise DatabaseError("database is locked")
 
-    monkeypatch.setattr(Instance.objects, "create", broken)
+    monkeypatch.setattr(ingest, "_insert_instance", broken)
     assoc = associate(scp)
     reply = assoc.send_c_store(make_dataset())
     assoc.release()
