@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
+import fcntl
 import io
 import logging
 import os
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from django.conf import settings
-from django.db import DatabaseError, IntegrityError, connection, transaction
+from django.db import DatabaseError, IntegrityError, OperationalError, connection, transaction
 from django.db.models import F
 from django.dispatch import Signal
 from django.utils import timezone
@@ -269,16 +270,48 @@ class _SeriesCache:
 
 
 series_cache = _SeriesCache()
-# SQLite has one writer at a time: threads of one process queue here, in order, instead of
-# polling SQLite's busy handler (which sleeps up to 100 ms between attempts).
-_sqlite_writer = threading.Lock()
 # Another association may be storing the same SOP instance right now: wait this long for
 # its commit before calling it a duplicate (or, if its file is older, an orphan to replace).
 _CONCURRENT_WAIT = 10.0
 _ORPHAN_AGE = 60.0
 
 
-def _writer_lock() -> threading.Lock | contextlib.nullcontext:
+class _SQLiteWriter:
+    """SQLite has one writer at a time. Writers wait for each other here, in order, instead
+    of polling SQLite's busy handler, which sleeps up to 100 ms between attempts: threads
+    on a lock, processes (SCP workers, the web server, the task worker) on a file lock."""
+
+    def __init__(self) -> None:
+        self._thread_lock = threading.Lock()
+        self._fd: int | None = None
+        self._fd_pid = 0
+
+    def _file(self) -> int:
+        if self._fd is None or self._fd_pid != os.getpid():  # a forked child opens its own
+            path = f"{connection.settings_dict['NAME']}.writer-lock"
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            self._fd_pid = os.getpid()
+        return self._fd
+
+    def __enter__(self) -> None:
+        self._thread_lock.acquire()
+        try:
+            fcntl.flock(self._file(), fcntl.LOCK_EX)
+        except BaseException:
+            self._thread_lock.release()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            fcntl.flock(self._file(), fcntl.LOCK_UN)
+        finally:
+            self._thread_lock.release()
+
+
+_sqlite_writer = _SQLiteWriter()
+
+
+def _writer_lock() -> _SQLiteWriter | contextlib.nullcontext:
     return _sqlite_writer if connection.vendor == "sqlite" else contextlib.nullcontext()
 
 
@@ -325,16 +358,33 @@ def _index_row(row: _InstanceRow) -> _Keys:
     series_uid = row.header.series["series_instance_uid"]
     cached = series_cache.get(study_uid, series_uid)
     try:
-        keys = _transaction(row, cached)
+        keys = _retrying(_transaction, row, cached)
     except IntegrityError:
         if Instance.objects.filter(sop_instance_uid=row.uid).exists():
             raise _Duplicate() from None
         if cached is None:
             raise
         series_cache.clear()  # a cached series or study was deleted
-        keys = _transaction(row, None)
+        keys = _retrying(_transaction, row, None)
     series_cache.put(study_uid, series_uid, keys.study_id, keys.series_id)
     return keys
+
+
+# PostgreSQL SQLSTATEs after which a transaction may simply run again.
+_TRANSIENT_SQLSTATES = {"40001", "40P01"}  # serialization_failure, deadlock_detected
+
+
+def _retrying(function, *args, attempts: int = 3):
+    """Run a transaction, again after a deadlock or serialization failure (PostgreSQL)."""
+    for attempt in range(attempts):
+        try:
+            return function(*args)
+        except OperationalError as exc:
+            state = getattr(exc.__cause__, "sqlstate", None)
+            if state not in _TRANSIENT_SQLSTATES or attempt == attempts - 1:
+                raise
+            log.info("transaction retried after %s", state)
+    raise AssertionError("unreachable")
 
 
 def _transaction(row: _InstanceRow, cached: tuple[int, int] | None) -> _Keys:
@@ -392,24 +442,19 @@ def _count(study_id: int, series_id: int, size: int, created_series: bool, sign:
     """
     quote = connection.ops.quote_name
     with connection.cursor() as cursor:
-        cursor.execute(
-            "UPDATE {t} SET {n} = {n} + %s, {b} = {b} + %s WHERE {pk} = %s".format(
-                t=quote(Series._meta.db_table),
-                n=quote("number_of_series_related_instances"),
-                b=quote("series_size"),
-                pk=quote(Series._meta.pk.column),
-            ),
-            [sign, sign * size, series_id],
-        )
-        cursor.execute(
-            "UPDATE {t} SET {n} = {n} + %s, {b} = {b} + %s WHERE {pk} = %s".format(
-                t=quote(Study._meta.db_table),
-                n=quote("number_of_study_related_instances"),
-                b=quote("study_size"),
-                pk=quote(Study._meta.pk.column),
-            ),
-            [sign, sign * size, study_id],
-        )
+        # The study first, then the series: every transaction takes the two row locks in
+        # this order (the slow path locks the study before it looks at series), so
+        # concurrent stores into one study queue instead of deadlocking.
+        for model, number, size_field, pk in (
+            (Study, "number_of_study_related_instances", "study_size", study_id),
+            (Series, "number_of_series_related_instances", "series_size", series_id),
+        ):
+            cursor.execute(
+                "UPDATE {t} SET {n} = {n} + %s, {b} = {b} + %s WHERE {pk} = %s".format(
+                    t=quote(model._meta.db_table), n=quote(number), b=quote(size_field), pk=quote(model._meta.pk.column)
+                ),
+                [sign, sign * size, pk],
+            )
     if created_series:
         modalities = set(Series.objects.filter(study_id=study_id).values_list("modality", flat=True))
         Study.objects.filter(pk=study_id).update(

@@ -11,6 +11,7 @@ from pacsportal.env import envbool, envchoice, envint, envlist, envstr, persiste
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(envstr("PACS_VAR_DIR", str(BASE_DIR / "var"))).resolve()
+VAR_DIR.mkdir(parents=True, exist_ok=True)
 
 SECRET_KEY = envstr("DJANGO_SECRET_KEY") or persistent_secret(VAR_DIR / "secret_key")
 DEBUG = envbool("DJANGO_DEBUG", False)
