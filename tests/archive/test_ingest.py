@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import os
 import threading
 from pathlib import Path
@@ -297,4 +298,35 @@ def test_concurrent_stores_into_one_study_keep_exact_counts(storage_dir: Path) -
     for series in Series.objects.all():
         assert series.number_of_series_related_instances == series.instances.count()
     assert Patient.objects.count() == 1
+    assert_consistent(storage_dir)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_stores_into_one_series_neither_deadlock_nor_lose_counts(storage_dir: Path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="archive.ingest")
+    study_uid, series_uid, threads, per_thread = "1.2.826.0.1.98", "1.2.826.0.1.98.1", 4, 10
+    outcomes: list[Outcome] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(threads)
+
+    def work() -> None:
+        try:
+            barrier.wait()
+            for _ in range(per_thread):
+                result = ingest_dataset(make_dataset(study_uid=study_uid, series_uid=series_uid), SOURCE)
+                with lock:
+                    outcomes.append(result.outcome)
+        finally:
+            connection.close()
+
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert outcomes == [Outcome.STORED] * threads * per_thread
+    assert [r.getMessage() for r in caplog.records if "retried" in r.getMessage()] == []  # no deadlock
+    series = Series.objects.get()
+    assert series.number_of_series_related_instances == threads * per_thread
+    assert Study.objects.get().number_of_study_related_instances == threads * per_thread
     assert_consistent(storage_dir)
