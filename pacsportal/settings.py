@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import dj_database_url
@@ -148,8 +149,9 @@ PACS_HTTP_PORT = envint("PACS_HTTP_PORT", 8000, minimum=0)
 # Calling AE titles allowed to associate; empty: any.
 PACS_ALLOWED_CALLING_AETS = envlist("PACS_ALLOWED_CALLING_AETS", "")
 PACS_MAX_ASSOCIATIONS = envint("PACS_MAX_ASSOCIATIONS", 32, minimum=1)
-# SCP worker processes sharing the DICOM port (SO_REUSEPORT): use the cores.
-PACS_SCP_WORKERS = envint("PACS_SCP_WORKERS", 1, minimum=1)
+# SCP processes sharing the DICOM port (SO_REUSEPORT): one per core, so that parallel
+# associations are not held to one core by Python's GIL.
+PACS_SCP_WORKERS = envint("PACS_SCP_WORKERS", min(os.cpu_count() or 1, 8), minimum=1)
 # What a second copy of a stored SOP Instance UID does: keep the first, or replace it.
 PACS_DUPLICATE_POLICY = envchoice("PACS_DUPLICATE_POLICY", "keep", {"keep", "overwrite"})
 # Seconds runscp waits for the C-STOREs being stored when asked to stop.
