@@ -38,6 +38,13 @@ log = logging.getLogger("archive.dimse")
 # Receive C-STORE datasets straight into a file (event.dataset_path): only the header is
 # parsed, the pixel data is never decoded.
 _config.STORE_RECV_CHUNKED_DATASET = True
+# pynetdicom's own debug logging of every PDU and DIMSE message runs (builds summaries) for
+# each of the dozens of PDUs of an instance even when nothing is logged; our association
+# log line says what matters. Warnings and errors are still logged.
+_config.LOG_HANDLER_LEVEL = "none"
+# C-FIND/C-MOVE identifiers carry patient data: never in the logs.
+_config.LOG_REQUEST_IDENTIFIERS = False
+_config.LOG_RESPONSE_IDENTIFIERS = False
 
 
 # Identifies pacsportal in association negotiation (PS3.7 D.3.3.2); a UUID-derived UID (PS3.5 B.2).
