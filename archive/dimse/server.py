@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 
 from django.db import connection
 from pydicom.uid import (
@@ -89,27 +90,59 @@ def _shorten_polling(event: evt.Event) -> None:
 
 
 class PacsAssociationServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server, with TCP_NODELAY on every connection and, for
-    several worker processes, SO_REUSEPORT so that they share the port."""
-
-    reuse_port = False
-
-    def server_bind(self) -> None:
-        if self.reuse_port:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+    """pynetdicom's threaded server, with TCP_NODELAY on every connection."""
 
     def get_request(self):  # type: ignore[override]
         request, address = super().get_request()
-        try:
-            request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
+        _no_delay(request)
         return request, address
 
 
-class ReusePortServer(PacsAssociationServer):
-    reuse_port = True
+class SharedSocketServer(PacsAssociationServer):
+    """One of several SCP processes accepting on one listening socket (made by ``runscp``
+    before it forks them), where the least busy process takes each new association.
+
+    Every process waits on the socket; when a connection arrives, a process already
+    serving associations waits a moment before it accepts, so an idle one takes it
+    (``SO_REUSEPORT`` would instead spread connections by a hash of their addresses,
+    and often put two associations in one process while another sits idle).
+    """
+
+    listen_socket: socket.socket
+
+    def server_bind(self) -> None:
+        self.socket.close()
+        self.socket = self.listen_socket
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        pass  # the socket already listens
+
+    def get_request(self):  # type: ignore[override]
+        busy = len(self.active_associations)
+        if busy:
+            time.sleep(min(0.002 * busy, 0.02))
+        request, address = self.socket.accept()  # non-blocking: OSError if another took it
+        request.setblocking(True)
+        _no_delay(request)
+        return request, address
+
+    def server_close(self) -> None:
+        self.socket.close()  # close our descriptor only: the others still listen on it
+
+
+def _no_delay(request: socket.socket) -> None:
+    try:
+        request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass
+
+
+def listening_socket(bind: str, port: int, backlog: int = 128) -> socket.socket:
+    """Return a non-blocking listening socket to share between SCP processes."""
+    sock = socket.create_server((bind, port), backlog=backlog)
+    sock.setblocking(False)
+    return sock
 
 
 class Scp:
@@ -122,12 +155,12 @@ class Scp:
         bind: str = "0.0.0.0",
         max_associations: int = 32,
         allowed_calling_aets: list[str] | None = None,
-        reuse_port: bool = False,
         max_pdu_size: int = 0,
+        listen_socket: socket.socket | None = None,
     ) -> None:
         self.ae_title = ae_title
         self.address = (bind, port)
-        self.reuse_port = reuse_port
+        self.listen_socket = listen_socket
         self.in_flight = InFlight()
         self._stats: dict[int, AssociationStats] = {}
         self._stats_lock = threading.Lock()
@@ -203,7 +236,9 @@ class Scp:
 
     def start(self) -> None:
         """Bind and serve in a background thread."""
-        server_class = ReusePortServer if self.reuse_port else PacsAssociationServer
+        server_class: type[PacsAssociationServer] = PacsAssociationServer
+        if self.listen_socket is not None:
+            server_class = type("WorkerServer", (SharedSocketServer,), {"listen_socket": self.listen_socket})
         self.server = self.ae.make_server(self.address, evt_handlers=self.handlers(), server_class=server_class)
         self.ae._servers.append(self.server)
         thread = threading.Thread(target=self.server.serve_forever, name="scp-acceptor", daemon=True)

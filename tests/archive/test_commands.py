@@ -162,5 +162,8 @@ def test_runscp_with_several_workers_shares_the_port(transactional_db, tmp_path:
     assert scp.returncode == 0, output
     pids = {line.split("(pid ")[1].rstrip(")") for line in output.splitlines() if "listening on" in line and "(pid" in line}
     assert len(pids) == 2, output
+    # Both processes served associations (the least busy one takes each new association).
+    served = {line.split("archive.dimse[")[1].split("]")[0] for line in output.splitlines() if "calling AE STORESCU" in line}
+    assert served == pids, output
     assert Study.objects.get().number_of_study_related_instances == 40
     assert_consistent(storage_dir)

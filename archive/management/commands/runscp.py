@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -15,7 +16,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import connections
 
 from archive import storage
-from archive.dimse.server import Scp
+from archive.dimse.server import Scp, listening_socket
 
 log = logging.getLogger("archive.dimse")
 
@@ -31,7 +32,7 @@ class Command(BaseCommand):
             "--workers",
             type=int,
             default=settings.PACS_SCP_WORKERS,
-            help="SCP processes sharing the port (SO_REUSEPORT); use one per core for parallel senders",
+            help="SCP processes sharing the port, one per core by default (parallel senders use several cores)",
         )
 
     def handle(self, *args, **options) -> None:
@@ -46,28 +47,28 @@ class Command(BaseCommand):
         if workers < 1:
             raise CommandError("--workers must be at least 1")
         if workers == 1:
-            self.serve(ae_title, options, reuse_port=False)
+            self.serve(ae_title, options)
         else:
             self.supervise(ae_title, options, workers)
 
-    def make_scp(self, ae_title: str, options: dict, reuse_port: bool) -> Scp:
+    def make_scp(self, ae_title: str, options: dict, listen_socket: socket.socket | None) -> Scp:
         return Scp(
             ae_title=ae_title,
             port=options["port"],
             bind=options["bind"],
             max_associations=settings.PACS_MAX_ASSOCIATIONS,
             allowed_calling_aets=settings.PACS_ALLOWED_CALLING_AETS or None,
-            reuse_port=reuse_port,
+            listen_socket=listen_socket,
         )
 
-    def serve(self, ae_title: str, options: dict, reuse_port: bool) -> None:
+    def serve(self, ae_title: str, options: dict, listen_socket: socket.socket | None = None) -> None:
         # pynetdicom receives each dataset into a temporary file: keep those on the storage
         # filesystem, in this process's own folder, so that storing one is a rename.
         tempfile.tempdir = str(storage.receive_dir())
         stop = threading.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
-        scp = self.make_scp(ae_title, options, reuse_port)
+        scp = self.make_scp(ae_title, options, listen_socket)
         try:
             scp.start()
         except OSError as exc:
@@ -81,7 +82,12 @@ class Command(BaseCommand):
         log.info("SCP stopped")
 
     def supervise(self, ae_title: str, options: dict, workers: int) -> None:
-        """Fork ``workers`` SCP processes sharing the port; restart one that dies; stop all on SIGTERM."""
+        """Fork ``workers`` SCP processes accepting on one socket; restart one that dies;
+        stop all on SIGTERM."""
+        try:
+            listen_socket = listening_socket(options["bind"], options["port"])
+        except OSError as exc:
+            raise CommandError(f"cannot listen on {options['bind']}:{options['port']}: {exc}") from exc
         stopping = threading.Event()
         children: dict[int, int] = {}
 
@@ -104,7 +110,7 @@ class Command(BaseCommand):
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 code = 0
                 try:
-                    self.serve(ae_title, options, reuse_port=True)
+                    self.serve(ae_title, options, listen_socket)
                 except BaseException as exc:  # noqa: BLE001 - the child reports and exits
                     sys.stderr.write(f"SCP worker {slot} failed: {exc}\n")
                     code = 1
