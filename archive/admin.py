@@ -3,6 +3,8 @@ changes through the ingest service and deliberate actions)."""
 
 from __future__ import annotations
 
+import json
+
 from django.contrib import admin
 from django.db.models import QuerySet
 from django.http import HttpRequest
@@ -23,28 +25,28 @@ class ReadOnlyAdmin(admin.ModelAdmin):
         return False
 
 
-class StudyInline(admin.TabularInline):
+class ReadOnlyInline(admin.TabularInline):
+    """The child rows of an archive object, listed with a link to each."""
+
+    show_change_link = True
+    extra = 0
+    can_delete = False
+
+    def get_readonly_fields(self, request: HttpRequest, obj=None):
+        return self.fields
+
+    def has_add_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+
+class StudyInline(ReadOnlyInline):
     model = Study
     fields = ("study_date", "modalities_in_study", "study_description", "accession_number", "number_of_study_related_instances")
-    readonly_fields = fields
-    show_change_link = True
-    extra = 0
-    can_delete = False
-
-    def has_add_permission(self, request: HttpRequest, obj=None) -> bool:
-        return False
 
 
-class SeriesInline(admin.TabularInline):
+class SeriesInline(ReadOnlyInline):
     model = Series
     fields = ("series_number", "modality", "series_description", "body_part_examined", "number_of_series_related_instances")
-    readonly_fields = fields
-    show_change_link = True
-    extra = 0
-    can_delete = False
-
-    def has_add_permission(self, request: HttpRequest, obj=None) -> bool:
-        return False
 
 
 @admin.register(Patient)
@@ -114,6 +116,4 @@ class InstanceAdmin(ReadOnlyAdmin):
 
     @admin.display(description="Header (DICOM JSON)")
     def header_json(self, obj: Instance) -> str:
-        import json
-
         return json.dumps(obj.metadata, indent=1, ensure_ascii=False)[:20000]
