@@ -7,6 +7,7 @@ says what it did.
 
 from __future__ import annotations
 
+import copy
 import logging
 import socket
 import threading
@@ -29,6 +30,7 @@ from pydicom.uid import (
 )
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -87,6 +89,26 @@ def _shorten_polling(event: evt.Event) -> None:
     dul = getattr(event.assoc, "dul", None)
     if dul is not None and hasattr(dul, "_run_loop_delay"):
         dul._run_loop_delay = DUL_POLL_SECONDS
+
+
+class _SharedContext(PresentationContext):
+    """A supported presentation context whose deep copy shares its (immutable) UIDs.
+
+    pynetdicom deep-copies every supported context for each new association; with every
+    storage SOP class times every transfer syntax that is thousands of UID objects, each
+    rebuilt one by one: tens of milliseconds of one core for each association.
+    """
+
+    def __deepcopy__(self, memo: dict) -> PresentationContext:
+        clone = copy.copy(self)
+        clone._transfer_syntax = list(self._transfer_syntax)
+        return clone
+
+
+def _shared(contexts: list[PresentationContext]) -> list[PresentationContext]:
+    for context in contexts:
+        context.__class__ = _SharedContext
+    return contexts
 
 
 class PacsAssociationServer(ThreadedAssociationServer):
@@ -239,7 +261,12 @@ class Scp:
         server_class: type[PacsAssociationServer] = PacsAssociationServer
         if self.listen_socket is not None:
             server_class = type("WorkerServer", (SharedSocketServer,), {"listen_socket": self.listen_socket})
-        self.server = self.ae.make_server(self.address, evt_handlers=self.handlers(), server_class=server_class)
+        self.server = self.ae.make_server(
+            self.address,
+            evt_handlers=self.handlers(),
+            server_class=server_class,
+            contexts=_shared(self.ae.supported_contexts),
+        )
         self.ae._servers.append(self.server)
         thread = threading.Thread(target=self.server.serve_forever, name="scp-acceptor", daemon=True)
         thread.start()
