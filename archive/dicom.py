@@ -8,7 +8,6 @@ channel (C-STORE, STOW-RS, upload, import) can share them and tests can call the
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
 import os
 import re
@@ -353,22 +352,11 @@ def required_uid_errors(header: Header) -> list[str]:
     return problems
 
 
-def _strip_nul(value: Any) -> Any:
-    if isinstance(value, str):
-        return value.replace("\x00", "")
-    if isinstance(value, list):
-        return [_strip_nul(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _strip_nul(v) for k, v in value.items()}
-    return value
-
-
 def json_header(ds: Dataset) -> dict[str, Any]:
     """Return the DICOM JSON model (PS3.18 F.2) of ``ds`` without pixel data.
 
     Binary values over 1 KiB are not inlined: they get a ``BulkDataURI`` naming their
-    tag, relative to the instance, for the DICOMweb layer to complete. NUL characters
-    (which PostgreSQL's jsonb refuses) are removed from text.
+    tag, relative to the instance, for the DICOMweb layer to complete.
     """
     header = ds
     if any(tag in ds for tag in PIXEL_TAGS):
@@ -388,6 +376,4 @@ def json_header(ds: Dataset) -> dict[str, Any]:
         )
     except Exception:  # noqa: BLE001 - a header pydicom cannot express stays indexed without JSON
         return {}
-    if "\\u0000" in json.dumps(data):
-        data = _strip_nul(data)
     return data

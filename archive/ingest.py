@@ -15,18 +15,20 @@ import enum
 import errno
 import fcntl
 import io
+import json
 import logging
 import os
 import shutil
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from django.conf import settings
-from django.db import DatabaseError, IntegrityError, OperationalError, connection, transaction
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, IntegrityError, OperationalError, connections, transaction
 from django.db.models import F
 from django.dispatch import Signal
 from django.utils import timezone
@@ -286,33 +288,29 @@ class _SQLiteWriter:
         self._fd: int | None = None
         self._fd_pid = 0
 
-    def _file(self) -> int:
+    def _file(self, conn) -> int:
         if self._fd is None or self._fd_pid != os.getpid():  # a forked child opens its own
-            path = f"{connection.settings_dict['NAME']}.writer-lock"
+            path = f"{conn.settings_dict['NAME']}.writer-lock"
             self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
             self._fd_pid = os.getpid()
         return self._fd
 
-    def __enter__(self) -> None:
-        self._thread_lock.acquire()
-        try:
-            fcntl.flock(self._file(), fcntl.LOCK_EX)
-        except BaseException:
-            self._thread_lock.release()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            fcntl.flock(self._file(), fcntl.LOCK_UN)
-        finally:
-            self._thread_lock.release()
+    @contextlib.contextmanager
+    def held(self, conn) -> Iterator[None]:
+        with self._thread_lock:
+            fd = self._file(conn)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 _sqlite_writer = _SQLiteWriter()
 
 
-def _writer_lock() -> _SQLiteWriter | contextlib.nullcontext:
-    return _sqlite_writer if connection.vendor == "sqlite" else contextlib.nullcontext()
+def _writer_lock(conn) -> contextlib.AbstractContextManager:
+    return _sqlite_writer.held(conn) if conn.vendor == "sqlite" else contextlib.nullcontext()
 
 
 def _store_keeping(row: _InstanceRow, temp: Path) -> _Keys:
@@ -388,7 +386,8 @@ def _retrying(function, *args, attempts: int = 3):
 
 
 def _transaction(row: _InstanceRow, cached: tuple[int, int] | None) -> _Keys:
-    with _writer_lock(), transaction.atomic():
+    conn = connections[DEFAULT_DB_ALIAS]  # looked up once: the proxy costs on every use
+    with _writer_lock(conn), transaction.atomic():
         if cached is not None:
             study_id, series_id = cached
             created_series = False
@@ -396,65 +395,139 @@ def _transaction(row: _InstanceRow, cached: tuple[int, int] | None) -> _Keys:
             study = _lock_study(row.header)
             series, created_series = _series(study, row.header, row.source)
             study_id, series_id = study.pk, series.pk
-        instance_id = _insert_instance(row, series_id)
-        _count(study_id, series_id, row.size, created_series)
+        instance_id = _insert_instance(conn, row, series_id)
+        _count(conn, study_id, series_id, row.size, created_series)
     return _Keys(instance_id, study_id, series_id, created_series)
 
 
-def _insert_instance(row: _InstanceRow, series_id: int) -> int:
+@dataclass(frozen=True)
+class _Statements:
+    """The hot path's SQL for one database vendor, built once."""
+
+    insert: str
+    fields: tuple
+    count_study: str
+    count_series: str
+
+
+_statements: dict[str, _Statements] = {}
+# Instance columns written at ingest, in statement order (the values of Header.instance
+# are inserted under their own names).
+_INSTANCE_COLUMNS = (
+    "series",
+    "sop_instance_uid",
+    "sop_class_uid",
+    "instance_number",
+    "transfer_syntax_uid",
+    "rows",
+    "columns",
+    "bits_allocated",
+    "number_of_frames",
+    "image_position_patient",
+    "image_orientation_patient",
+    "slice_location",
+    "specific_character_set",
+    "file_path",
+    "file_size",
+    "file_sha256",
+    "metadata",
+    "source_ae_title",
+    "source_address",
+    "created",
+)
+
+
+def _sql(conn) -> _Statements:
+    statements = _statements.get(conn.vendor)
+    if statements is None:
+        quote = conn.ops.quote_name
+        meta = Instance._meta
+        fields = tuple(meta.get_field(name) for name in _INSTANCE_COLUMNS)
+        placeholders = ["%s::jsonb" if conn.vendor == "postgresql" and f.name == "metadata" else "%s" for f in fields]
+        insert = "INSERT INTO {} ({}) VALUES ({}) RETURNING {}".format(
+            quote(meta.db_table), ", ".join(quote(f.column) for f in fields), ", ".join(placeholders), quote(meta.pk.column)
+        )
+        count = "UPDATE {t} SET {n} = {n} + %s, {b} = {b} + %s WHERE {pk} = %s"
+        statements = _Statements(
+            insert=insert,
+            fields=fields,
+            count_study=count.format(
+                t=quote(Study._meta.db_table),
+                n=quote("number_of_study_related_instances"),
+                b=quote("study_size"),
+                pk=quote(Study._meta.pk.column),
+            ),
+            count_series=count.format(
+                t=quote(Series._meta.db_table),
+                n=quote("number_of_series_related_instances"),
+                b=quote("series_size"),
+                pk=quote(Series._meta.pk.column),
+            ),
+        )
+        _statements[conn.vendor] = statements
+    return statements
+
+
+def _insert_instance(conn, row: _InstanceRow, series_id: int) -> int:
     """Insert the instance's row; return its primary key.
 
     Plain SQL on the hot path (one call per stored instance): the ORM's save costs ten
-    times the statement itself. Values go through each field's own database conversion.
+    times the statement itself. Values go through each field's own database conversion,
+    but for the header, whose JSON text is made here once.
     """
+    statements = _sql(conn)
     values = {
-        "series": series_id,
         **row.header.instance,
+        "series": series_id,
         "file_path": row.relative,
         "file_size": row.size,
         "file_sha256": row.sha256,
-        "metadata": row.metadata,
+        "metadata": None,
         "source_ae_title": row.source.ae_title[:16],
         "source_address": row.source.address[:64],
         "created": timezone.now(),
     }
-    meta = Instance._meta
-    fields = [meta.get_field(name) for name in values]
-    quote = connection.ops.quote_name
-    sql = "INSERT INTO {} ({}) VALUES ({}) RETURNING {}".format(
-        quote(meta.db_table),
-        ", ".join(quote(f.column) for f in fields),
-        ", ".join(["%s"] * len(fields)),
-        quote(meta.pk.column),
-    )
-    params = [f.get_db_prep_save(value, connection) for f, value in zip(fields, values.values())]
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
+    params = [
+        field.get_db_prep_save(values[field.name], conn) if field.name != "metadata" else _json_text(row.metadata)
+        for field in statements.fields
+    ]
+    with conn.cursor() as cursor:
+        cursor.execute(statements.insert, params)
         return cursor.fetchone()[0]
 
 
-def _count(study_id: int, series_id: int, size: int, created_series: bool, sign: int = 1) -> None:
+def _json_text(data: dict) -> str:
+    """The header as JSON text, without NUL characters (PostgreSQL's jsonb refuses them)."""
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    if "\\u0000" in text:
+        text = json.dumps(_strip_nul(data), ensure_ascii=False, separators=(",", ":"))
+    return text
+
+
+def _strip_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "")
+    if isinstance(value, list):
+        return [_strip_nul(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _strip_nul(v) for k, v in value.items()}
+    return value
+
+
+def _count(conn, study_id: int, series_id: int, size: int, created_series: bool, sign: int = 1) -> None:
     """Add (or with ``sign=-1`` take away) one instance of ``size`` bytes to the counts.
 
     The updates are relative (``n = n + 1``), so concurrent transactions never lose one;
     plain SQL, as this runs for every stored instance. A new series also recomputes
     NumberOfStudyRelatedSeries and ModalitiesInStudy, under the study's lock.
     """
-    quote = connection.ops.quote_name
-    with connection.cursor() as cursor:
+    statements = _sql(conn)
+    with conn.cursor() as cursor:
         # The study first, then the series: every transaction takes the two row locks in
         # this order (the slow path locks the study before it looks at series), so
         # concurrent stores into one study queue instead of deadlocking.
-        for model, number, size_field, pk in (
-            (Study, "number_of_study_related_instances", "study_size", study_id),
-            (Series, "number_of_series_related_instances", "series_size", series_id),
-        ):
-            cursor.execute(
-                "UPDATE {t} SET {n} = {n} + %s, {b} = {b} + %s WHERE {pk} = %s".format(
-                    t=quote(model._meta.db_table), n=quote(number), b=quote(size_field), pk=quote(model._meta.pk.column)
-                ),
-                [sign, sign * size, pk],
-            )
+        cursor.execute(statements.count_study, [sign, sign * size, study_id])
+        cursor.execute(statements.count_series, [sign, sign * size, series_id])
     if created_series:
         modalities = set(Series.objects.filter(study_id=study_id).values_list("modality", flat=True))
         Study.objects.filter(pk=study_id).update(
@@ -469,12 +542,13 @@ def _store_replacing(row: _InstanceRow, temp: Path) -> _Keys:
     backup: Path | None = None
     published = False
     try:
-        with _writer_lock(), transaction.atomic():
+        with _writer_lock(connections[DEFAULT_DB_ALIAS]), transaction.atomic():
             study = _lock_study(row.header)
             backup = _remove_previous(row.uid, final)
             series, created_series = _series(study, row.header, row.source)
-            instance_id = _insert_instance(row, series.pk)
-            _count(study.pk, series.pk, row.size, created_series)
+            conn = connections[DEFAULT_DB_ALIAS]
+            instance_id = _insert_instance(conn, row, series.pk)
+            _count(conn, study.pk, series.pk, row.size, created_series)
             published = True  # from here on, a failure must take the file back out
             storage.publish(temp, row.relative)  # the last step: the commit follows at once
     except BaseException:
@@ -556,5 +630,6 @@ def delete_instance_rows(instance: Instance) -> None:
 
     Must run inside the caller's transaction.
     """
-    _count(instance.series.study_id, instance.series_id, instance.file_size, created_series=False, sign=-1)
+    conn = connections[DEFAULT_DB_ALIAS]
+    _count(conn, instance.series.study_id, instance.series_id, instance.file_size, created_series=False, sign=-1)
     instance.delete()

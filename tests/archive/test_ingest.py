@@ -330,3 +330,16 @@ def test_concurrent_stores_into_one_series_neither_deadlock_nor_lose_counts(stor
     assert series.number_of_series_related_instances == threads * per_thread
     assert Study.objects.get().number_of_study_related_instances == threads * per_thread
     assert_consistent(storage_dir)
+
+
+@pytest.mark.django_db
+def test_nul_characters_in_text_never_break_the_header_json(storage_dir: Path) -> None:
+    ds = make_dataset()
+    ds.StudyDescription = "CT\x00CHEST"
+    ds.InstitutionName = "Saint\x00Luke"
+    result = ingest_dataset(ds, SOURCE)
+    assert result.outcome is Outcome.STORED, result.reason
+    instance = Instance.objects.get()
+    assert instance.metadata["00081030"]["Value"] == ["CTCHEST"]
+    assert Study.objects.get().study_description == "CTCHEST"
+    assert_consistent(storage_dir)
