@@ -56,6 +56,8 @@ def new_temp_path() -> Path:
 
 def fsync_dir(path: Path) -> None:
     """Flush a directory entry (a rename) to disk, where the platform allows it."""
+    if not settings.PACS_SYNC_STORAGE:
+        return
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -96,7 +98,8 @@ def mapped(path: Path) -> Iterator[tuple[Any, int, str]]:
     on another thread while parsing was measured slower: the GIL hand-offs cost more.)
     """
     with open(path, "rb") as handle:
-        os.fdatasync(handle.fileno())  # its data is on disk before it is linked into place
+        if settings.PACS_SYNC_STORAGE:
+            os.fdatasync(handle.fileno())  # its data is on disk before it is linked into place
         size = os.fstat(handle.fileno()).st_size
         if size == 0:
             yield io.BytesIO(b""), 0, hashlib.sha256(b"").hexdigest()

@@ -126,6 +126,7 @@ class Config:
     associations: int
     db: str = ""  # "sqlite" or "postgres" for pacs
     workers: int = 1
+    sync: bool = True  # pacs: PACS_SYNC_STORAGE (fsync each file before acknowledging it)
 
     @property
     def receiver(self) -> str:
@@ -133,7 +134,8 @@ class Config:
             return "pynetdicom naive"
         if self.kind == "orthanc":
             return "Orthanc"
-        return f"pacsportal ({self.workers} worker{'s' if self.workers > 1 else ''})"
+        nosync = ", no fsync" if not self.sync else ""
+        return f"pacsportal ({self.workers} worker{'s' if self.workers > 1 else ''}{nosync})"
 
     @property
     def database(self) -> str:
@@ -476,6 +478,7 @@ class PacsReceiver(Receiver):
         var_dir.mkdir()
         extra = {"PACS_VAR_DIR": str(var_dir), "DJANGO_SECRET_KEY": "bench", "PYTHONUNBUFFERED": "1"}
         extra["PACS_SCP_STOP_TIMEOUT"] = "5"
+        extra["PACS_SYNC_STORAGE"] = "1" if config.sync else "0"
         if config.db == "postgres":
             if pg is None:
                 raise BenchError("no PostgreSQL administration connection")
@@ -623,6 +626,8 @@ def configurations(db: str) -> list[Config]:
         configs.append(Config("orthanc", associations))
         for name in dbs:
             configs.append(Config("pacs", associations, name, 1))
+            if associations == 1 and name == "sqlite":
+                configs.append(Config("pacs", associations, name, 1, sync=False))
             if associations > 1:
                 configs.append(Config("pacs", associations, name, 2))
                 configs.append(Config("pacs", associations, name, 4))

@@ -154,6 +154,9 @@ PACS_MAX_ASSOCIATIONS = envint("PACS_MAX_ASSOCIATIONS", 32, minimum=1)
 PACS_SCP_WORKERS = envint("PACS_SCP_WORKERS", min(os.cpu_count() or 1, 8), minimum=1)
 # What a second copy of a stored SOP Instance UID does: keep the first, or replace it.
 PACS_DUPLICATE_POLICY = envchoice("PACS_DUPLICATE_POLICY", "keep", {"keep", "overwrite"})
+# Flush every stored file (and its directory entry) to disk before the sender is told it is
+# stored. Off trades durability after a power cut for speed, like Orthanc's SyncStorageArea.
+PACS_SYNC_STORAGE = envbool("PACS_SYNC_STORAGE", True)
 # Seconds runscp waits for the C-STOREs being stored when asked to stop.
 PACS_SCP_STOP_TIMEOUT = envint("PACS_SCP_STOP_TIMEOUT", 10, minimum=0)
 
