@@ -157,6 +157,10 @@ PACS_DUPLICATE_POLICY = envchoice("PACS_DUPLICATE_POLICY", "keep", {"keep", "ove
 # Flush every stored file (and its directory entry) to disk before the sender is told it is
 # stored. Off trades durability after a power cut for speed, like Orthanc's SyncStorageArea.
 PACS_SYNC_STORAGE = envbool("PACS_SYNC_STORAGE", True)
+# Person-name matching in queries: "insensitive" (case and accents, the default) or "exact".
+PACS_QUERY_NAME_MATCHING = envchoice("PACS_QUERY_NAME_MATCHING", "insensitive", {"insensitive", "exact"})
+# The most answers one C-FIND returns (a warning is logged when a query is cut).
+PACS_FIND_LIMIT = envint("PACS_FIND_LIMIT", 1000, minimum=1)
 # Seconds runscp waits for the C-STOREs being stored when asked to stop.
 PACS_SCP_STOP_TIMEOUT = envint("PACS_SCP_STOP_TIMEOUT", 10, minimum=0)
 

@@ -1,0 +1,549 @@
+"""The query service: DICOM matching keys in, matching rows as DICOM attributes out.
+
+One engine for C-FIND, QIDO-RS, the REST API's search and the study list. A query names a
+level (PATIENT, STUDY, SERIES, IMAGE) and an identifier (a mapping of DICOM keywords to
+values as they appear in a C-FIND identifier or QIDO-RS parameters, decoded to Unicode);
+``find`` turns it into one database query for the level (plus, when asked for, one more
+for SOPClassesInStudy) and yields one answer per matching row, a mapping of keywords to
+values in DICOM's string forms (DA as YYYYMMDD, TM as HHMMSS.FFFFFF, PN with ``^``).
+
+Matching follows PS3.4 C.2.2.2: single value, universal (an empty value: the attribute is
+returned, not matched), wildcard (``*`` and ``?``), range (DA, TM; StudyDate with StudyTime
+combined), and list of UIDs. Keys the archive does not index are returned from the stored
+header of a representative instance and not used for matching, as C.2.2.1.2 allows for
+optional keys. No Django request or pynetdicom object crosses this module's edge.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings
+from django.db.models import Count, Exists, OuterRef, Q, QuerySet, Subquery, Sum
+from pydicom.datadict import tag_for_keyword
+
+from archive.dicom import is_valid_uid, normalize_name, parse_da, parse_tm
+from archive.models import Instance, Patient, Series, Study
+
+LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
+MODELS = {"PATIENT": Patient, "STUDY": Study, "SERIES": Series, "IMAGE": Instance}
+# ORM path from a query level's model to the model of an attribute's level.
+_PREFIX = {
+    ("PATIENT", "PATIENT"): "",
+    ("STUDY", "PATIENT"): "patient__",
+    ("STUDY", "STUDY"): "",
+    ("SERIES", "PATIENT"): "study__patient__",
+    ("SERIES", "STUDY"): "study__",
+    ("SERIES", "SERIES"): "",
+    ("IMAGE", "PATIENT"): "series__study__patient__",
+    ("IMAGE", "STUDY"): "series__study__",
+    ("IMAGE", "SERIES"): "series__",
+    ("IMAGE", "IMAGE"): "",
+}
+UNIQUE_KEYS = {
+    "PATIENT": "PatientID",
+    "STUDY": "StudyInstanceUID",
+    "SERIES": "SeriesInstanceUID",
+    "IMAGE": "SOPInstanceUID",
+}
+# Limits on what an identifier may hold: beyond them it is refused, not truncated.
+MAX_KEYS = 300
+MAX_VALUE_LENGTH = 10_000
+MAX_UIDS = 1_000
+
+
+class QueryError(ValueError):
+    """An identifier the engine cannot use; ``str(exc)`` says why, for the error comment."""
+
+
+@dataclass(frozen=True)
+class Attribute:
+    """An attribute the archive indexes: its VR, level and column (None: computed)."""
+
+    keyword: str
+    vr: str
+    level: str
+    field: str | None
+
+
+_ATTRIBUTES = [
+    Attribute("PatientName", "PN", "PATIENT", "patient_name"),
+    Attribute("PatientID", "LO", "PATIENT", "patient_id"),
+    Attribute("IssuerOfPatientID", "LO", "PATIENT", "issuer_of_patient_id"),
+    Attribute("PatientBirthDate", "DA", "PATIENT", "patient_birth_date"),
+    Attribute("PatientSex", "CS", "PATIENT", "patient_sex"),
+    Attribute("NumberOfPatientRelatedStudies", "IS", "PATIENT", None),
+    Attribute("NumberOfPatientRelatedSeries", "IS", "PATIENT", None),
+    Attribute("NumberOfPatientRelatedInstances", "IS", "PATIENT", None),
+    Attribute("StudyInstanceUID", "UI", "STUDY", "study_instance_uid"),
+    Attribute("StudyDate", "DA", "STUDY", "study_date"),
+    Attribute("StudyTime", "TM", "STUDY", "study_time"),
+    Attribute("AccessionNumber", "SH", "STUDY", "accession_number"),
+    Attribute("StudyID", "SH", "STUDY", "study_id"),
+    Attribute("StudyDescription", "LO", "STUDY", "study_description"),
+    Attribute("ReferringPhysicianName", "PN", "STUDY", "referring_physician_name"),
+    Attribute("InstitutionName", "LO", "STUDY", "institution_name"),
+    Attribute("ModalitiesInStudy", "CS", "STUDY", "modalities_in_study"),
+    Attribute("NumberOfStudyRelatedSeries", "IS", "STUDY", "number_of_study_related_series"),
+    Attribute("NumberOfStudyRelatedInstances", "IS", "STUDY", "number_of_study_related_instances"),
+    Attribute("SOPClassesInStudy", "UI", "STUDY", None),
+    Attribute("SeriesInstanceUID", "UI", "SERIES", "series_instance_uid"),
+    Attribute("Modality", "CS", "SERIES", "modality"),
+    Attribute("SeriesNumber", "IS", "SERIES", "series_number"),
+    Attribute("SeriesDescription", "LO", "SERIES", "series_description"),
+    Attribute("BodyPartExamined", "CS", "SERIES", "body_part_examined"),
+    Attribute("ProtocolName", "LO", "SERIES", "protocol_name"),
+    Attribute("SeriesDate", "DA", "SERIES", "series_date"),
+    Attribute("SeriesTime", "TM", "SERIES", "series_time"),
+    Attribute("StationName", "SH", "SERIES", "station_name"),
+    Attribute("NumberOfSeriesRelatedInstances", "IS", "SERIES", "number_of_series_related_instances"),
+    Attribute("SOPInstanceUID", "UI", "IMAGE", "sop_instance_uid"),
+    Attribute("SOPClassUID", "UI", "IMAGE", "sop_class_uid"),
+    Attribute("InstanceNumber", "IS", "IMAGE", "instance_number"),
+    Attribute("Rows", "US", "IMAGE", "rows"),
+    Attribute("Columns", "US", "IMAGE", "columns"),
+    Attribute("BitsAllocated", "US", "IMAGE", "bits_allocated"),
+    Attribute("NumberOfFrames", "IS", "IMAGE", "number_of_frames"),
+]
+ATTRIBUTES: dict[str, Attribute] = {a.keyword: a for a in _ATTRIBUTES}
+# Computed attributes (C.3.4 and C.6.1.1.5): returned, never matched.
+RETURN_ONLY = {a.keyword for a in _ATTRIBUTES if a.keyword.startswith("NumberOf")} | {"SOPClassesInStudy"}
+# Keys that only steer the query; never matched or returned as attributes.
+_CONTROL_KEYS = {"QueryRetrieveLevel", "SpecificCharacterSet", "TimezoneOffsetFromUTC"}
+_TEXT_VRS = {"PN", "LO", "SH", "CS", "LT", "ST", "UT", "UC", "AE"}
+
+
+def level_index(level: str) -> int:
+    return LEVELS.index(level)
+
+
+def find(
+    level: str,
+    identifier: Mapping[str, Any],
+    *,
+    limit: int | None = None,
+    queryset: QuerySet | None = None,
+    order_by: tuple[str, ...] = ("pk",),
+) -> Iterator[dict[str, Any]]:
+    """Yield the answers to a query at ``level`` (PS3.4 C.2.2 and C.4.1).
+
+    ``identifier`` maps DICOM keywords to values; an empty value asks for the attribute
+    without matching on it. ``queryset`` narrows the rows searched (the access service's
+    scope); ``limit`` caps the answers. Raises ``QueryError`` before yielding anything
+    when the level or a key cannot be used.
+    """
+    plan = plan_query(level, identifier)
+    rows = plan.queryset(queryset)
+    if order_by:
+        rows = rows.order_by(*order_by)
+    if limit is not None:
+        rows = rows[:limit]
+    rows = list(rows.values(*plan.columns()))
+    sop_classes = plan.sop_classes_for([row["pk"] for row in rows]) if plan.wants_sop_classes else {}
+    for row in rows:
+        yield plan.answer(row, sop_classes)
+
+
+def count(level: str, identifier: Mapping[str, Any], *, queryset: QuerySet | None = None) -> int:
+    """Return the number of rows a query matches (for paging and for limits)."""
+    return plan_query(level, identifier).queryset(queryset).count()
+
+
+def plan_query(level: str, identifier: Mapping[str, Any]) -> "QueryPlan":
+    """Check a query and turn it into a plan; raise ``QueryError`` on what cannot be used."""
+    if not isinstance(level, str) or level.strip().upper() not in LEVELS:
+        raise QueryError(f"unknown query level {str(level)[:20]!r}: use one of {', '.join(LEVELS)}")
+    level = level.strip().upper()
+    if len(identifier) > MAX_KEYS:
+        raise QueryError(f"the identifier has {len(identifier)} keys; at most {MAX_KEYS} are accepted")
+    plan = QueryPlan(level)
+    combined_date = _combined_study_datetime(level, identifier)
+    for keyword, value in identifier.items():
+        if keyword in _CONTROL_KEYS:
+            continue
+        text = _as_text(keyword, value)
+        attribute = ATTRIBUTES.get(keyword)
+        if attribute is None or level_index(attribute.level) > level_index(level):
+            plan.extra_keys.append(keyword)  # returned from the header if it holds it; never matched
+            continue
+        plan.returned.append(attribute)
+        if text and not (combined_date and keyword in ("StudyDate", "StudyTime")):
+            plan.filters &= _match(level, attribute, text)
+    if combined_date:
+        plan.filters &= combined_date
+    return plan
+
+
+class QueryPlan:
+    """What one query selects and returns, at one level."""
+
+    def __init__(self, level: str) -> None:
+        self.level = level
+        self.filters = Q()
+        self.returned: list[Attribute] = []
+        self.extra_keys: list[str] = []
+
+    @property
+    def wants_sop_classes(self) -> bool:
+        return any(a.keyword == "SOPClassesInStudy" for a in self.returned)
+
+    def queryset(self, base: QuerySet | None) -> QuerySet:
+        model = MODELS[self.level]
+        rows = base if base is not None else model.objects.all()
+        rows = rows.filter(self.filters)
+        if self.level == "PATIENT":
+            wanted = {a.keyword for a in self.returned}
+            studies = Study.objects.filter(patient=OuterRef("pk")).order_by().values("patient")
+            if "NumberOfPatientRelatedStudies" in wanted:
+                rows = rows.annotate(
+                    n_studies=Subquery(studies.annotate(n=Count("pk")).values("n")),
+                )
+            if "NumberOfPatientRelatedSeries" in wanted:
+                rows = rows.annotate(
+                    n_series=Subquery(studies.annotate(n=Sum("number_of_study_related_series")).values("n"))
+                )
+            if "NumberOfPatientRelatedInstances" in wanted:
+                rows = rows.annotate(
+                    n_instances=Subquery(studies.annotate(n=Sum("number_of_study_related_instances")).values("n"))
+                )
+        if self.extra_keys:
+            rows = rows.annotate(header=Subquery(_representative_header(self.level)))
+        return rows
+
+    def columns(self) -> list[str]:
+        columns = ["pk"]
+        for attribute in self.returned:
+            column = self.column(attribute)
+            if column and column not in columns:
+                columns.append(column)
+        # The unique keys of this level and the levels above are always returned.
+        for upper in LEVELS[: level_index(self.level) + 1]:
+            if self.level != "PATIENT" and upper == "PATIENT":
+                continue
+            column = self.column(ATTRIBUTES[UNIQUE_KEYS[upper]])
+            if column not in columns:
+                columns.append(column)
+        if self.extra_keys:
+            columns.append("header")
+        return columns
+
+    def column(self, attribute: Attribute) -> str | None:
+        if attribute.field is None:
+            return {
+                "NumberOfPatientRelatedStudies": "n_studies",
+                "NumberOfPatientRelatedSeries": "n_series",
+                "NumberOfPatientRelatedInstances": "n_instances",
+            }.get(attribute.keyword)
+        return _PREFIX[(self.level, attribute.level)] + attribute.field
+
+    def sop_classes_for(self, pks: list[int]) -> dict[int, list[str]]:
+        """SOPClassesInStudy for the answered studies: one query for all of them."""
+        found: dict[int, set[str]] = {}
+        if self.level != "STUDY" or not pks:
+            return {}
+        for start in range(0, len(pks), 500):
+            pairs = (
+                Instance.objects.filter(series__study_id__in=pks[start : start + 500])
+                .values_list("series__study_id", "sop_class_uid")
+                .distinct()
+            )
+            for study_id, sop_class in pairs:
+                found.setdefault(study_id, set()).add(sop_class)
+        return {pk: sorted(values) for pk, values in found.items()}
+
+    def answer(self, row: dict[str, Any], sop_classes: dict[int, list[str]]) -> dict[str, Any]:
+        answer: dict[str, Any] = {"QueryRetrieveLevel": self.level}
+        for upper in LEVELS[: level_index(self.level) + 1]:
+            if self.level != "PATIENT" and upper == "PATIENT":
+                continue
+            keyword = UNIQUE_KEYS[upper]
+            answer[keyword] = row[self.column(ATTRIBUTES[keyword])] or ""
+        for attribute in self.returned:
+            if attribute.keyword == "SOPClassesInStudy":
+                answer[attribute.keyword] = sop_classes.get(row["pk"], [])
+                continue
+            answer[attribute.keyword] = _dicom_value(attribute, row.get(self.column(attribute)))
+        header = row.get("header") or {}
+        for keyword in self.extra_keys:
+            answer[keyword] = _header_value(header, keyword)
+        if any(_non_ascii(v) for v in answer.values()):
+            answer["SpecificCharacterSet"] = "ISO_IR 192"
+        return answer
+
+
+# ----------------------------------------------------------------- matching, PS3.4 C.2.2.2
+
+
+def _match(level: str, attribute: Attribute, value: str) -> Q:
+    """The condition for one non-empty key."""
+    column = _PREFIX[(level, attribute.level)] + (attribute.field or "")
+    if attribute.keyword in RETURN_ONLY:
+        raise QueryError(f"{attribute.keyword} is a return key only; it cannot be matched")
+    if attribute.keyword == "ModalitiesInStudy":
+        return _match_modalities(level, value)
+    if attribute.vr == "UI":
+        return _match_uids(attribute, column, value)
+    if attribute.vr == "DA":
+        return _match_date(attribute, column, value)
+    if attribute.vr == "TM":
+        return _match_time(attribute, column, value)
+    if attribute.vr in ("IS", "US"):
+        return _match_number(attribute, column, value)
+    if attribute.vr == "PN":
+        return _match_name(level, attribute, column, value)
+    return _match_text(column, value, case_insensitive=False)
+
+
+def _match_uids(attribute: Attribute, column: str, value: str) -> Q:
+    """Single value or list of UIDs (C.2.2.2.2); no wildcards in UIDs (C.2.2.2.4)."""
+    uids = [uid.strip() for uid in value.split("\\") if uid.strip()]
+    if len(uids) > MAX_UIDS:
+        raise QueryError(f"{attribute.keyword} lists {len(uids)} UIDs; at most {MAX_UIDS} are accepted")
+    for uid in uids:
+        if not is_valid_uid(uid):
+            raise QueryError(f"{attribute.keyword} holds {uid[:70]!r}, which is not a UID")
+    if len(uids) == 1:
+        return Q(**{column: uids[0]})
+    return Q(**{f"{column}__in": uids})
+
+
+def _match_number(attribute: Attribute, column: str, value: str) -> Q:
+    numbers = []
+    for part in value.split("\\"):
+        try:
+            numbers.append(int(part.strip()))
+        except ValueError:
+            raise QueryError(f"{attribute.keyword} holds {part[:20]!r}, which is not an integer") from None
+    return Q(**{f"{column}__in": numbers}) if len(numbers) > 1 else Q(**{column: numbers[0]})
+
+
+def _has_wildcard(value: str) -> bool:
+    return "*" in value or "?" in value
+
+
+def _match_text(column: str, value: str, *, case_insensitive: bool) -> Q:
+    """Single value or wildcard (C.2.2.2.1, C.2.2.2.4), with % and _ taken literally."""
+    if value == "*":
+        return Q()
+    if not _has_wildcard(value):
+        return Q(**{f"{column}__iexact" if case_insensitive else column: value})
+    if value.endswith("*") and not _has_wildcard(value[:-1]):
+        lookup = "istartswith" if case_insensitive else "startswith"
+        return Q(**{f"{column}__{lookup}": value[:-1]})  # an index range scan
+    lookup = "iregex" if case_insensitive else "regex"
+    return Q(**{f"{column}__{lookup}": wildcard_regex(value)})
+
+
+def wildcard_regex(value: str) -> str:
+    """A DICOM wildcard pattern as an anchored regular expression."""
+    parts = []
+    for char in value:
+        if char == "*":
+            parts.append(".*")
+        elif char == "?":
+            parts.append(".")
+        else:
+            parts.append(re.escape(char))
+    return "^" + "".join(parts) + "$"
+
+
+def _match_name(level: str, attribute: Attribute, column: str, value: str) -> Q:
+    """Person names (C.2.2.2.1 and C.2.2.2.4): case- and accent-insensitive by default.
+
+    Trailing empty components do not count (``Doe^Jane^^^`` is ``Doe^Jane``), and a value
+    matches a name's alphabetic, ideographic or phonetic group as well as the whole name.
+    """
+    value = value.rstrip("^ ")
+    exact = settings.PACS_QUERY_NAME_MATCHING == "exact"
+    if attribute.keyword == "PatientName" and not exact:
+        column = _PREFIX[(level, "PATIENT")] + "patient_name_norm"
+        value = normalize_name(value)
+        return _match_groups(column, value, case_insensitive=False)
+    return _match_groups(column, value, case_insensitive=not exact)
+
+
+def _match_groups(column: str, value: str, *, case_insensitive: bool) -> Q:
+    if _has_wildcard(value) or "=" in value:
+        return _match_text(column, value, case_insensitive=case_insensitive)
+    ci = "i" if case_insensitive else ""
+    whole = Q(**{f"{column}__{ci}exact" if ci else column: value})
+    return (
+        whole
+        | Q(**{f"{column}__{ci}startswith": value + "="})
+        | Q(**{f"{column}__{ci}endswith": "=" + value})
+        | Q(**{f"{column}__{ci}contains": "=" + value + "="})
+    )
+
+
+def _match_modalities(level: str, value: str) -> Q:
+    """ModalitiesInStudy: a study matches when one of its series has one of the values."""
+    if value == "*":
+        return Q()
+    study = OuterRef(_PREFIX[(level, "STUDY")] + "pk") if level != "STUDY" else OuterRef("pk")
+    condition = Q()
+    for modality in (m.strip() for m in value.split("\\") if m.strip()):
+        condition |= _match_text("modality", modality, case_insensitive=False)
+    return Q(Exists(Series.objects.filter(study=study).filter(condition)))
+
+
+def _parse_range(attribute: Attribute, value: str, parse) -> tuple[Any, Any, bool]:
+    """(low, high, is_range) of a DA or TM value; None for an open end (C.2.2.2.5)."""
+    if value.count("-") > 1:
+        raise QueryError(f"{attribute.keyword} range {value[:40]!r} has more than one '-'")
+    if "-" not in value:
+        single = parse(value)
+        if single is None:
+            raise QueryError(f"{attribute.keyword} {value[:40]!r} is not a valid {attribute.vr} value")
+        return single, single, False
+    low_text, high_text = (part.strip() for part in value.split("-"))
+    if not low_text and not high_text:
+        raise QueryError(f"{attribute.keyword} range '-' has no bound")
+    low = parse(low_text) if low_text else None
+    high = parse(high_text) if high_text else None
+    if (low_text and low is None) or (high_text and high is None):
+        raise QueryError(f"{attribute.keyword} range {value[:40]!r} is not made of valid {attribute.vr} values")
+    if low is not None and high is not None and low > high:
+        raise QueryError(f"{attribute.keyword} range {value[:40]!r} ends before it starts")
+    return low, high, True
+
+
+def _match_date(attribute: Attribute, column: str, value: str) -> Q:
+    low, high, _ = _parse_range(attribute, value, parse_da)
+    condition = Q()
+    if low is not None:
+        condition &= Q(**{f"{column}__gte": low})
+    if high is not None:
+        condition &= Q(**{f"{column}__lte": high})
+    return condition
+
+
+def _time_bounds(value: str) -> tuple[dt.time, dt.time] | None:
+    """A TM value's span: "10" is 10:00:00 to 10:59:59.999999 (matching at its precision)."""
+    start = parse_tm(value)
+    if start is None:
+        return None
+    digits = len(value.strip().replace(":", "").split(".")[0])
+    fraction = value.split(".")[1] if "." in value else ""
+    if fraction:
+        end = start.replace(microsecond=int(fraction.ljust(6, "9")[:6]))
+    elif digits <= 2:
+        end = start.replace(minute=59, second=59, microsecond=999999)
+    elif digits <= 4:
+        end = start.replace(second=59, microsecond=999999)
+    else:
+        end = start.replace(microsecond=999999)
+    return start, end
+
+
+def _match_time(attribute: Attribute, column: str, value: str) -> Q:
+    low, high, is_range = _parse_range(attribute, value, _time_bounds)
+    condition = Q()
+    if low is not None:
+        condition &= Q(**{f"{column}__gte": low[0]})
+    if high is not None:
+        condition &= Q(**{f"{column}__lte": high[1]})
+    return condition
+
+
+def _combined_study_datetime(level: str, identifier: Mapping[str, Any]) -> Q | None:
+    """StudyDate and StudyTime together, when the date is a range (C.2.2.2.5.1): the
+    range runs from the start date at the start time to the end date at the end time."""
+    date_value = _as_text("StudyDate", identifier.get("StudyDate", ""))
+    time_value = _as_text("StudyTime", identifier.get("StudyTime", ""))
+    if level == "PATIENT" or "-" not in date_value or not time_value:
+        return None
+    date_attr, time_attr = ATTRIBUTES["StudyDate"], ATTRIBUTES["StudyTime"]
+    d_low, d_high, _ = _parse_range(date_attr, date_value, parse_da)
+    t_low, t_high, _ = _parse_range(time_attr, time_value, _time_bounds)
+    prefix = _PREFIX[(level, "STUDY")]
+    date, time = prefix + "study_date", prefix + "study_time"
+    condition = Q()
+    if d_low is not None:
+        if t_low is not None:
+            condition &= Q(**{f"{date}__gt": d_low}) | Q(**{date: d_low, f"{time}__gte": t_low[0]})
+        else:
+            condition &= Q(**{f"{date}__gte": d_low})
+    if d_high is not None:
+        if t_high is not None:
+            condition &= Q(**{f"{date}__lt": d_high}) | Q(**{date: d_high, f"{time}__lte": t_high[1]})
+        else:
+            condition &= Q(**{f"{date}__lte": d_high})
+    return condition
+
+
+# ------------------------------------------------------------------------ values
+
+
+def _as_text(keyword: str, value: Any) -> str:
+    """A key's value as text; refuse what cannot be a matching key."""
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)):
+        if not all(isinstance(v, (str, int, float)) for v in value):
+            raise QueryError(f"{keyword} holds a value that is not text")
+        value = "\\".join(str(v) for v in value)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise QueryError(f"{keyword} holds a {type(value).__name__}, not a text value (sequence matching is not supported)")
+    if len(value) > MAX_VALUE_LENGTH:
+        raise QueryError(f"{keyword} is {len(value)} characters long; at most {MAX_VALUE_LENGTH} are accepted")
+    return value.strip()
+
+
+def _dicom_value(attribute: Attribute, value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, dt.date):
+        return value.strftime("%Y%m%d")
+    if isinstance(value, dt.time):
+        text = value.strftime("%H%M%S")
+        return text + (f".{value.microsecond:06d}" if value.microsecond else "")
+    if attribute.keyword == "ModalitiesInStudy":
+        return [m for m in value.split("\\") if m]
+    return value
+
+
+def _header_value(header: dict, keyword: str) -> Any:
+    """An unindexed attribute's value from a stored DICOM JSON header ("" when absent)."""
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        return ""
+    element = header.get(f"{tag:08X}")
+    if not element or "Value" not in element:
+        return ""
+    values = []
+    for item in element["Value"]:
+        if isinstance(item, dict):
+            if element.get("vr") == "PN":
+                groups = [item.get(g, "") for g in ("Alphabetic", "Ideographic", "Phonetic")]
+                values.append("=".join(groups).rstrip("="))
+            else:
+                return ""  # a sequence: not returned by this engine
+        else:
+            values.append(item)
+    return values[0] if len(values) == 1 else values
+
+
+def _representative_header(level: str):
+    """The header of one instance under each row of ``level`` (for unindexed keys)."""
+    instances = Instance.objects.order_by("pk")
+    if level == "IMAGE":
+        return Instance.objects.filter(pk=OuterRef("pk")).values("metadata")[:1]
+    if level == "SERIES":
+        return instances.filter(series=OuterRef("pk")).values("metadata")[:1]
+    if level == "STUDY":
+        return instances.filter(series__study=OuterRef("pk")).values("metadata")[:1]
+    return instances.filter(series__study__patient=OuterRef("pk")).values("metadata")[:1]
+
+
+def _non_ascii(value: Any) -> bool:
+    if isinstance(value, str):
+        return not value.isascii()
+    if isinstance(value, list):
+        return any(_non_ascii(v) for v in value)
+    return False
