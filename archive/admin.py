@@ -1,15 +1,19 @@
 """Django admin for the archive: searchable and filterable, read-only (archive data only
-changes through the ingest service and deliberate actions)."""
+changes through the ingest service and deliberate actions). Remote DICOM nodes are edited
+here, and verified with C-ECHO."""
 
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
-from django.contrib import admin
+from django.conf import settings
+from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from archive.models import Instance, Patient, Series, Study
+from archive.dimse import echo
+from archive.models import Instance, Patient, RemoteNode, Series, Study
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -117,3 +121,42 @@ class InstanceAdmin(ReadOnlyAdmin):
     @admin.display(description="Header (DICOM JSON)")
     def header_json(self, obj: Instance) -> str:
         return json.dumps(obj.metadata, indent=1, ensure_ascii=False)[:20000]
+
+
+# Seconds each C-ECHO of the admin action may take; the nodes are verified in parallel.
+ECHO_TIMEOUT = 5.0
+ECHO_PARALLEL = 8
+
+
+@admin.register(RemoteNode)
+class RemoteNodeAdmin(admin.ModelAdmin):
+    list_display = ("name", "ae_title", "host", "port", "may_store", "may_query", "may_retrieve")
+    search_fields = ("name", "ae_title", "host")
+    list_filter = ("may_store", "may_query", "may_retrieve")
+    readonly_fields = ("created", "updated")
+    fieldsets = (
+        (None, {"fields": ("name", "description")}),
+        ("Connection", {"fields": ("ae_title", "host", "port")}),
+        ("May", {"fields": ("may_store", "may_query", "may_retrieve")}),
+        (None, {"fields": ("created", "updated")}),
+    )
+    actions = ["verify_with_c_echo"]
+
+    @admin.action(description="Verify with C-ECHO")
+    def verify_with_c_echo(self, request: HttpRequest, queryset: QuerySet[RemoteNode]) -> None:
+        """Send a C-ECHO (PS3.4 Annex A) to each selected node, as PACS_AE_TITLE, and say
+        how each went: a success message or an error message naming the node."""
+        nodes = list(queryset)
+        if not nodes:
+            return
+
+        def run(node: RemoteNode) -> tuple[bool, str]:
+            return echo.verify(node.ae_title, node.host, node.port, settings.PACS_AE_TITLE, timeout=ECHO_TIMEOUT)
+
+        with ThreadPoolExecutor(max_workers=min(ECHO_PARALLEL, len(nodes))) as pool:
+            results = list(pool.map(run, nodes))
+        for node, (ok, text) in zip(nodes, results):
+            if ok:
+                self.message_user(request, f"{node} is reachable: {text}.", messages.SUCCESS)
+            else:
+                self.message_user(request, f"{node} could not be verified: {text}.", messages.ERROR)

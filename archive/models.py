@@ -1,9 +1,12 @@
 """The archive's data model: Patient, Study, Series and Instance mirror the DICOM
 information model (PS3.3 A.1.2), keyed by their UIDs, with the attributes queries match on
-as indexed columns (field names are DICOM keywords in snake_case)."""
+as indexed columns (field names are DICOM keywords in snake_case). RemoteNode is another DICOM
+node and what it may do."""
 
 from __future__ import annotations
 
+from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 
 
@@ -135,3 +138,72 @@ class Instance(models.Model):
 
     def __str__(self) -> str:
         return f"#{self.instance_number} {self.sop_instance_uid}"
+
+
+def validate_ae_title(value: str) -> None:
+    """Check that ``value`` is a valid Application Entity title (PS3.5 6.2, VR AE): 1 to 16
+    characters of the default character repertoire (ASCII), no backslash, no control
+    characters, and not only spaces (leading and trailing spaces are not significant).
+
+    Raises ValidationError.
+    """
+    if not value.strip():
+        raise ValidationError("An AE title must not be empty or only spaces.", code="ae_title_empty")
+    if len(value) > 16:
+        raise ValidationError("An AE title has at most 16 characters.", code="ae_title_too_long")
+    if "\\" in value:
+        raise ValidationError("An AE title must not contain a backslash.", code="ae_title_backslash")
+    if any(ord(char) < 0x20 or ord(char) > 0x7E for char in value):
+        raise ValidationError(
+            "An AE title must be printable ASCII (no control or non-ASCII characters).", code="ae_title_characters"
+        )
+
+
+class RemoteNode(models.Model):
+    """Another DICOM application entity (PS3.7 7.1, PS3.8 9.3.2) known to the archive, and
+    what it may do: send us instances (C-STORE), query (C-FIND), retrieve (C-MOVE, C-GET),
+    the last also making it a valid C-MOVE destination (its AE title maps to host:port)."""
+
+    name = models.CharField(
+        max_length=64,
+        unique=True,
+        help_text="A human label, e.g. “CT scanner, room 2”.",
+        error_messages={"unique": "A remote node with this name already exists."},
+    )
+    ae_title = models.CharField(
+        "AE title",
+        max_length=16,
+        unique=True,
+        validators=[validate_ae_title],
+        help_text="Its Application Entity title: 1 to 16 ASCII characters, case-sensitive.",
+        error_messages={"unique": "A remote node with this AE title already exists."},
+    )
+    host = models.CharField(max_length=255, help_text="Host name or IP address.")
+    port = models.PositiveIntegerField(validators=[MinValueValidator(1), MaxValueValidator(65535)])
+    may_store = models.BooleanField("may store", default=True, help_text="May send us instances (C-STORE).")
+    may_query = models.BooleanField("may query", default=True, help_text="May query the archive (C-FIND).")
+    may_retrieve = models.BooleanField(
+        "may retrieve",
+        default=True,
+        help_text="May retrieve from the archive (C-MOVE, C-GET) and is a valid C-MOVE destination.",
+    )
+    description = models.TextField(blank=True)
+    created = models.DateTimeField(auto_now_add=True)
+    updated = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name = "remote node"
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.ae_title}@{self.host}:{self.port})"
+
+    def clean(self) -> None:
+        """Strip the AE title and host (spaces around an AE title are not significant, PS3.5 6.2)."""
+        self.ae_title = self.ae_title.strip()
+        self.host = self.host.strip()
+
+    @property
+    def rights(self) -> list[str]:
+        """The services it may use, e.g. ["store", "query", "retrieve"]."""
+        return [right for right in ("store", "query", "retrieve") if getattr(self, f"may_{right}")]

@@ -159,6 +159,8 @@ PACS_DUPLICATE_POLICY = envchoice("PACS_DUPLICATE_POLICY", "keep", {"keep", "ove
 PACS_SYNC_STORAGE = envbool("PACS_SYNC_STORAGE", True)
 # Person-name matching in queries: "insensitive" (case and accents, the default) or "exact".
 PACS_QUERY_NAME_MATCHING = envchoice("PACS_QUERY_NAME_MATCHING", "insensitive", {"insensitive", "exact"})
+# Only DICOM nodes (RemoteNode, with the right) may C-FIND, C-MOVE and C-GET.
+PACS_QR_KNOWN_NODES_ONLY = envbool("PACS_QR_KNOWN_NODES_ONLY", False)
 # The most answers one C-FIND returns (a warning is logged when a query is cut).
 PACS_FIND_LIMIT = envint("PACS_FIND_LIMIT", 1000, minimum=1)
 # Seconds runscp waits for the C-STOREs being stored when asked to stop.

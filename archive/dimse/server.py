@@ -31,9 +31,14 @@ from pydicom.uid import (
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+    Verification,
+)
 from pynetdicom.transport import ThreadedAssociationServer
 
+from archive.dimse.find import handle_find
 from archive.dimse.store import AssociationStats, InFlight, handle_store
 
 log = logging.getLogger("archive.dimse")
@@ -49,6 +54,11 @@ _config.LOG_HANDLER_LEVEL = "none"
 _config.LOG_REQUEST_IDENTIFIERS = False
 _config.LOG_RESPONSE_IDENTIFIERS = False
 
+
+QUERY_RETRIEVE_MODELS = [
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+]
 
 # Identifies pacsportal in association negotiation (PS3.7 D.3.3.2); a UUID-derived UID (PS3.5 B.2).
 IMPLEMENTATION_CLASS_UID = "2.25.179811143393248142663940145561689325540"
@@ -197,6 +207,8 @@ class Scp:
         if allowed_calling_aets:
             ae.require_calling_aet = allowed_calling_aets
         ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        for model in QUERY_RETRIEVE_MODELS:
+            ae.add_supported_context(model, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
         self.ae = ae
@@ -210,6 +222,7 @@ class Scp:
     def handlers(self) -> list:
         return [
             (evt.EVT_C_STORE, handle_store, [self.stats_for, self.in_flight]),
+            (evt.EVT_C_FIND, handle_find),
             (evt.EVT_RELEASED, self._ended, ["released"]),
             (evt.EVT_ABORTED, self._ended, ["aborted"]),
             (evt.EVT_REJECTED, self._rejected),

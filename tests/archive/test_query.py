@@ -20,8 +20,8 @@ CORPUS = [
 SOP = {"CT": "CT", "MR": "MR", "US": "US", "SR": "CT"}
 
 
-@pytest.fixture
-def corpus(db) -> None:
+def load_corpus() -> None:
+    """Store CORPUS through the ingest service."""
     for pid, name, study, date, time, accession, series_list in CORPUS:
         for series, modality, numbers in series_list:
             for number in numbers:
@@ -32,6 +32,11 @@ def corpus(db) -> None:
                 ds.StudyTime = time
                 ds.Modality = modality
                 assert ingest_dataset(ds, Source(channel="import")).ok
+
+
+@pytest.fixture
+def corpus(db) -> None:
+    load_corpus()
 
 
 def uids(level: str, keys: dict) -> set[str]:

@@ -1,0 +1,189 @@
+"""C-FIND over real sockets: pynetdicom and DCMTK's findscu against the SCP."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+)
+
+from archive.dimse import find as find_module
+from archive.dimse import status
+from tests.archive.test_query import load_corpus
+from tests.conftest import run_dcmtk
+
+
+@pytest.fixture
+def qr(scp):
+    load_corpus()
+    return scp
+
+
+def c_find(scp, level: str, keys: dict, model=StudyRootQueryRetrieveInformationModelFind, calling: str = "WORKSTATION"):
+    """Send one C-FIND; return (answers, final status dataset)."""
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(model)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="PACSPORTAL")
+    assert assoc.is_established
+    identifier = Dataset()
+    if any(isinstance(v, str) and not v.isascii() for v in keys.values()):
+        identifier.SpecificCharacterSet = "ISO_IR 192"
+    identifier.QueryRetrieveLevel = level
+    for keyword, value in keys.items():
+        setattr(identifier, keyword, value)
+    answers, final = [], None
+    for reply, answer in assoc.send_c_find(identifier, model):
+        if reply.Status in (status.PENDING, 0xFF01):
+            answers.append(answer)
+        else:
+            final = reply
+    assoc.release()
+    return answers, final
+
+
+def test_study_level_by_name_wildcard(qr) -> None:
+    answers, final = c_find(qr, "STUDY", {"PatientName": "doe*", "StudyInstanceUID": "", "PatientID": "", "StudyDate": ""})
+    assert final.Status == status.SUCCESS
+    assert sorted((a.PatientID, a.StudyInstanceUID, a.StudyDate) for a in answers) == [
+        ("P2", "1.2.9.3", "20240131"),
+        ("P4", "1.2.9.5", "20240116"),
+    ]
+    assert all(a.RetrieveAETitle == "PACSPORTAL" and a.QueryRetrieveLevel == "STUDY" for a in answers)
+
+
+def test_non_ascii_names_come_back_in_utf8(qr) -> None:
+    answers, _ = c_find(qr, "STUDY", {"PatientName": "*山田*", "ModalitiesInStudy": "", "NumberOfStudyRelatedInstances": ""})
+    assert len(answers) == 1
+    answer = answers[0]
+    assert answer.SpecificCharacterSet == "ISO_IR 192"
+    assert str(answer.PatientName) == "Yamada^Tarou=山田^太郎=やまだ^たろう"
+    assert answer.ModalitiesInStudy == "US"
+    assert answer.NumberOfStudyRelatedInstances == 2
+
+
+def test_patient_root_at_every_level(qr) -> None:
+    model = PatientRootQueryRetrieveInformationModelFind
+    patients, _ = c_find(qr, "PATIENT", {"PatientID": "P1", "PatientName": "", "NumberOfPatientRelatedStudies": ""}, model)
+    assert [(p.PatientName, p.NumberOfPatientRelatedStudies) for p in patients] == [("Müller^Jürgen", 2)]
+    studies, _ = c_find(qr, "STUDY", {"PatientID": "P1", "StudyInstanceUID": ""}, model)
+    assert {s.StudyInstanceUID for s in studies} == {"1.2.9.1", "1.2.9.2"}
+    series, _ = c_find(qr, "SERIES", {"PatientID": "P1", "StudyInstanceUID": "1.2.9.1", "SeriesInstanceUID": "", "Modality": ""}, model)
+    assert {(s.SeriesInstanceUID, s.Modality) for s in series} == {("1.2.9.1.1", "CT"), ("1.2.9.1.2", "SR")}
+    images, _ = c_find(
+        qr,
+        "IMAGE",
+        {"PatientID": "P1", "StudyInstanceUID": "1.2.9.1", "SeriesInstanceUID": "1.2.9.1.1", "SOPInstanceUID": "", "InstanceNumber": ""},
+        model,
+    )
+    assert sorted(i.InstanceNumber for i in images) == [1, 2, 3]
+
+
+def test_study_root_refuses_the_patient_level(qr) -> None:
+    answers, final = c_find(qr, "PATIENT", {"PatientID": ""})
+    assert answers == []
+    assert final.Status == status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
+    assert "PATIENT" in final.ErrorComment
+
+
+@pytest.mark.parametrize(
+    "keys, comment",
+    [
+        ({"StudyDate": "20240230-"}, "StudyDate"),
+        ({"StudyInstanceUID": "1.2.x"}, "not a UID"),
+        ({"StudyTime": "99"}, "StudyTime"),
+    ],
+)
+def test_malformed_identifiers_get_a_failure_with_a_comment(qr, keys: dict, comment: str) -> None:
+    answers, final = c_find(qr, "STUDY", keys)
+    assert answers == []
+    assert final.Status == status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
+    assert comment in final.ErrorComment
+    # the association and the SCP go on serving
+    answers, final = c_find(qr, "STUDY", {"AccessionNumber": "A100"})
+    assert len(answers) == 1 and final.Status == status.SUCCESS
+
+
+def test_a_limit_cuts_the_answers_and_says_so(qr, settings, caplog) -> None:
+    settings.PACS_FIND_LIMIT = 2
+    caplog.set_level(logging.WARNING, logger="archive.dimse")
+    answers, final = c_find(qr, "STUDY", {"StudyInstanceUID": ""})
+    assert len(answers) == 2
+    assert final.Status == status.SUCCESS
+    assert any("cut at 2 answers" in r.getMessage() for r in caplog.records)
+
+
+def test_c_cancel_stops_the_answers(qr, monkeypatch) -> None:
+    real = find_module.answer_dataset
+
+    def slow(answer):
+        time.sleep(0.3)
+        return real(answer)
+
+    monkeypatch.setattr(find_module, "answer_dataset", slow)
+    ae = AE(ae_title="WORKSTATION")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", qr.port, ae_title="PACSPORTAL")
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = ""
+    responses = assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind, msg_id=7)
+    statuses = []
+    for reply, _ in responses:
+        statuses.append(reply.Status)
+        if len(statuses) == 1:
+            context_id = assoc.accepted_contexts[0].context_id
+            assoc.send_c_cancel(7, context_id)
+    assoc.release()
+    assert statuses[-1] == status.CANCEL
+    assert statuses.count(status.PENDING) < 5
+
+
+def test_dcmtk_findscu(qr, tmp_path: Path) -> None:
+    result = run_dcmtk(
+        "findscu", "-S", "-X", "-od", str(tmp_path), "-aec", "PACSPORTAL",
+        "-k", "QueryRetrieveLevel=STUDY", "-k", "PatientName=MÜLLER*", "-k", "StudyInstanceUID",
+        "-k", "StudyDate=20240101-20240131", "-k", "SpecificCharacterSet=ISO_IR 192",
+        "127.0.0.1", str(qr.port),
+    )
+    assert result.returncode == 0, result.stderr
+    answers = [pydicom.dcmread(p) for p in sorted(tmp_path.glob("rsp*.dcm"))]
+    assert [a.StudyInstanceUID for a in answers] == ["1.2.9.1"]
+    assert str(answers[0].PatientName) == "Müller^Jürgen"
+
+
+def test_dcmtk_findscu_series_level(qr, tmp_path: Path) -> None:
+    result = run_dcmtk(
+        "findscu", "-S", "-X", "-od", str(tmp_path), "-aec", "PACSPORTAL",
+        "-k", "QueryRetrieveLevel=SERIES", "-k", "StudyInstanceUID=1.2.9.1", "-k", "SeriesInstanceUID",
+        "-k", "Modality", "-k", "NumberOfSeriesRelatedInstances",
+        "127.0.0.1", str(qr.port),
+    )
+    assert result.returncode == 0, result.stderr
+    answers = sorted((pydicom.dcmread(p) for p in tmp_path.glob("rsp*.dcm")), key=lambda a: a.SeriesInstanceUID)
+    assert [(a.SeriesInstanceUID, a.Modality, a.NumberOfSeriesRelatedInstances) for a in answers] == [
+        ("1.2.9.1.1", "CT", 3),
+        ("1.2.9.1.2", "SR", 1),
+    ]
+
+
+def test_known_nodes_only_refuses_unknown_and_unentitled_callers(qr, settings) -> None:
+    from archive.models import RemoteNode
+
+    settings.PACS_QR_KNOWN_NODES_ONLY = True
+    RemoteNode.objects.create(name="Reading room", ae_title="READING", host="127.0.0.1", port=104)
+    RemoteNode.objects.create(name="Modality", ae_title="CT01", host="127.0.0.1", port=104, may_query=False)
+    for calling in ("STRANGER", "CT01"):
+        answers, final = c_find(qr, "STUDY", {"StudyInstanceUID": ""}, calling=calling)
+        assert answers == []
+        assert final.Status == status.NOT_AUTHORIZED
+        assert calling in final.ErrorComment
+    answers, final = c_find(qr, "STUDY", {"StudyInstanceUID": ""}, calling="READING")
+    assert len(answers) == 5 and final.Status == status.SUCCESS
