@@ -38,7 +38,9 @@ from pynetdicom.sop_class import (
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
+from archive.dimse import move
 from archive.dimse.find import handle_find
+from archive.dimse.move import RETRIEVE_MODELS
 from archive.dimse.store import AssociationStats, InFlight, handle_store
 
 log = logging.getLogger("archive.dimse")
@@ -58,7 +60,9 @@ _config.LOG_RESPONSE_IDENTIFIERS = False
 QUERY_RETRIEVE_MODELS = [
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
+    *RETRIEVE_MODELS,
 ]
+move.install()
 
 # Identifies pacsportal in association negotiation (PS3.7 D.3.3.2); a UUID-derived UID (PS3.5 B.2).
 IMPLEMENTATION_CLASS_UID = "2.25.179811143393248142663940145561689325540"
@@ -210,7 +214,8 @@ class Scp:
         for model in QUERY_RETRIEVE_MODELS:
             ae.add_supported_context(model, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
+            # scp_role: a C-GET requester may take the Storage SCP role (PS3.7 D.3.3.4).
+            ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES, scu_role=False, scp_role=True)
         self.ae = ae
 
     @property

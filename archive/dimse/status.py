@@ -15,3 +15,5 @@ IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900  # Error: Identifier does not match
 UNABLE_TO_PROCESS = 0xC000  # Failed: Unable to process
 MOVE_DESTINATION_UNKNOWN = 0xA801  # Refused: Move Destination unknown
 SUB_OPERATIONS_WARNING = 0xB000  # Warning: sub-operations complete, one or more failures
+UNABLE_TO_CALCULATE_MATCHES = 0xA701  # Refused: Out of Resources - Unable to calculate number of matches
+UNABLE_TO_PERFORM_SUB_OPERATIONS = 0xA702  # Refused: Out of Resources - Unable to perform sub-operations

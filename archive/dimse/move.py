@@ -1,0 +1,249 @@
+"""C-MOVE and C-GET SCP (PS3.4 C.4.2 and C.4.3): the archive sends what a request names.
+
+pynetdicom's own C-MOVE and C-GET service asks a handler for decoded datasets and opens the
+sub-association itself, so it can neither send a file as stored (without decoding it), nor
+choose a transfer syntax the destination accepted, nor say why a request was refused, nor
+count the instances of an unreachable destination as failed. ``ArchiveQueryRetrieve`` keeps
+pynetdicom's C-FIND and does C-MOVE and C-GET here: resolve the request with the retrieve
+service, open the sub-association (C-MOVE) or use the requester's (C-GET), send each file as
+stored when its transfer syntax was accepted (``STORE_SEND_CHUNKED_DATASET``: never decoded)
+or transcoded otherwise, and answer with pending, completed, failed and warning counts and
+the failed SOP instances.
+"""
+
+from __future__ import annotations
+
+import logging
+from io import BytesIO
+
+from pydicom.dataset import Dataset
+from pynetdicom import _config, association
+from pynetdicom.dimse_primitives import C_GET, C_MOVE
+from pynetdicom.dsutils import decode, encode
+from pynetdicom.presentation import build_context
+from pynetdicom.service_class import QueryRetrieveServiceClass
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+from archive import query, retrieve, storage
+from archive.dimse import status
+from archive.dimse.find import identifier_keys
+from archive.dimse.nodes import node_may
+
+log = logging.getLogger("archive.dimse")
+
+# Files whose transfer syntax the peer accepted go out as stored, read in chunks.
+_config.STORE_SEND_CHUNKED_DATASET = True
+
+MODEL_LEVELS = {
+    str(PatientRootQueryRetrieveInformationModelMove): ("PATIENT", "STUDY", "SERIES", "IMAGE"),
+    str(StudyRootQueryRetrieveInformationModelMove): ("STUDY", "SERIES", "IMAGE"),
+    str(PatientRootQueryRetrieveInformationModelGet): ("PATIENT", "STUDY", "SERIES", "IMAGE"),
+    str(StudyRootQueryRetrieveInformationModelGet): ("STUDY", "SERIES", "IMAGE"),
+}
+RETRIEVE_MODELS = [
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelMove,
+    PatientRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelGet,
+]
+MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: presentation context IDs are odd numbers 1-255
+MAX_SUBOPERATIONS = 65535  # the sub-operation counts are US
+
+
+class ArchiveQueryRetrieve(QueryRetrieveServiceClass):
+    """pynetdicom's Query/Retrieve service with the archive's C-MOVE and C-GET."""
+
+    def _move_scp(self, req: C_MOVE, context) -> None:
+        _Retrieval(self, req, context, C_MOVE()).run()
+
+    def _get_scp(self, req: C_GET, context) -> None:
+        _Retrieval(self, req, context, C_GET()).run()
+
+
+def install() -> None:
+    """Make pynetdicom serve the Query/Retrieve SOP classes with ``ArchiveQueryRetrieve``."""
+    original = association.uid_to_service_class
+    if getattr(original, "archive", False):
+        return
+
+    def lookup(uid: str):
+        service = original(uid)
+        return ArchiveQueryRetrieve if service is QueryRetrieveServiceClass else service
+
+    lookup.archive = True  # type: ignore[attr-defined]
+    association.uid_to_service_class = lookup
+
+
+class _Retrieval:
+    """One C-MOVE or C-GET request, from its identifier to its final response."""
+
+    def __init__(self, service: QueryRetrieveServiceClass, req, context, rsp) -> None:
+        self.service = service
+        self.req = req
+        self.context_id = int(context.context_id)
+        self.syntax = context.transfer_syntax[0]
+        self.is_move = isinstance(rsp, C_MOVE)
+        self.rsp = rsp
+        rsp.MessageIDBeingRespondedTo = req.MessageID
+        rsp.AffectedSOPClassUID = req.AffectedSOPClassUID
+        self.calling = str(service.assoc.requestor.ae_title).strip()
+        self.remaining = self.completed = self.failed = self.warning = 0
+        self.failed_uids: list[str] = []
+
+    # ------------------------------------------------------------------ answers
+
+    def respond(self, code: int, comment: str = "", failed_list: bool = False) -> None:
+        rsp = self.rsp
+        rsp.Status = code
+        rsp.ErrorComment = comment[:64] if comment else None
+        pending = code == status.PENDING
+        rsp.NumberOfRemainingSuboperations = self.remaining if (pending or code == status.CANCEL) else None
+        counted = pending or code in (status.SUCCESS, status.CANCEL, status.SUB_OPERATIONS_WARNING) or self.failed
+        rsp.NumberOfCompletedSuboperations = self.completed if counted else None
+        rsp.NumberOfFailedSuboperations = self.failed if counted else None
+        rsp.NumberOfWarningSuboperations = self.warning if counted else None
+        rsp.Identifier = None
+        if failed_list and self.failed_uids:
+            ds = Dataset()
+            ds.FailedSOPInstanceUIDList = self.failed_uids
+            rsp.Identifier = BytesIO(
+                encode(ds, self.syntax.is_implicit_VR, self.syntax.is_little_endian, self.syntax.is_deflated)
+            )
+        self.service.dimse.send_msg(rsp, self.context_id)
+
+    def refuse(self, code: int, reason: str) -> None:
+        log.warning("%s from %s refused (0x%04X): %s", self.kind, self.calling, code, reason)
+        self.respond(code, reason)
+
+    @property
+    def kind(self) -> str:
+        return "C-MOVE" if self.is_move else "C-GET"
+
+    # ------------------------------------------------------------------ the request
+
+    def run(self) -> None:
+        if not node_may(self.calling, "retrieve"):
+            return self.refuse(status.NOT_AUTHORIZED, f"calling AE title {self.calling} may not retrieve")
+        try:
+            identifier = decode(
+                self.req.Identifier, self.syntax.is_implicit_VR, self.syntax.is_little_endian, self.syntax.is_deflated
+            )
+            level, keys = identifier_keys(identifier)
+            model = str(self.req.AffectedSOPClassUID)
+            if level not in MODEL_LEVELS.get(model, ()):
+                raise query.QueryError(f"query level {level or '(none)'} is not one of {'/'.join(MODEL_LEVELS[model])}")
+            items = retrieve.instances(level, keys)
+        except query.QueryError as exc:
+            return self.refuse(status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc))
+        except Exception as exc:  # noqa: BLE001 - an undecodable identifier
+            return self.refuse(status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, f"the identifier cannot be decoded: {exc}")
+        if len(items) > MAX_SUBOPERATIONS:
+            return self.refuse(status.UNABLE_TO_CALCULATE_MATCHES, f"{len(items)} instances match; at most 65535 per request")
+        self.remaining = len(items)
+        if self.is_move:
+            peer = self.open_destination(items)
+            if peer is None:
+                return None
+        else:
+            peer = self.service.assoc
+        try:
+            self.send_all(peer, items)
+        finally:
+            if self.is_move and peer.is_established:
+                peer.release()
+        return None
+
+    def open_destination(self, items: list[retrieve.StoredInstance]):
+        from archive.models import RemoteNode
+
+        name = str(self.req.MoveDestination).strip()
+        node = RemoteNode.objects.filter(ae_title=name, may_retrieve=True).first()
+        if node is None:
+            self.refuse(status.MOVE_DESTINATION_UNKNOWN, f"move destination {name} is not a known DICOM node")
+            return None
+        if not items:
+            self.respond(status.SUCCESS)
+            return None
+        ae = self.service.assoc.ae
+        peer = ae.associate(node.host, node.port, ae_title=node.ae_title, contexts=_contexts(items))
+        if not peer.is_established:
+            self.failed, self.remaining = len(items), 0
+            self.failed_uids = [item.sop_instance_uid for item in items]
+            reason = f"cannot associate with {node.ae_title} at {node.host}:{node.port}"
+            log.warning("C-MOVE from %s: %s; %d sub-operations failed", self.calling, reason, self.failed)
+            self.respond(status.UNABLE_TO_PERFORM_SUB_OPERATIONS, reason, failed_list=True)
+            return None
+        return peer
+
+    def send_all(self, peer, items: list[retrieve.StoredInstance]) -> None:
+        if not items:
+            return self.respond(status.SUCCESS)
+        message_id = int(self.req.MessageID)
+        for index, item in enumerate(items):
+            if self.service.is_cancelled(message_id):
+                log.info("%s from %s cancelled after %d of %d", self.kind, self.calling, index, len(items))
+                return self.respond(status.CANCEL, failed_list=True)
+            if not peer.is_established:
+                self.failed += self.remaining
+                self.failed_uids += [i.sop_instance_uid for i in items[index:]]
+                self.remaining = 0
+                break
+            self.store_one(peer, item, message_id + index + 1)
+            self.remaining -= 1
+            if self.remaining:
+                self.respond(status.PENDING)
+        if self.failed and not (self.completed or self.warning):
+            code = status.UNABLE_TO_PERFORM_SUB_OPERATIONS
+        elif self.failed or self.warning:
+            code = status.SUB_OPERATIONS_WARNING
+        else:
+            code = status.SUCCESS
+        log.info(
+            "%s from %s: %d completed, %d failed, %d warnings",
+            self.kind, self.calling, self.completed, self.failed, self.warning,
+        )
+        return self.respond(code, failed_list=bool(self.failed))
+
+    def store_one(self, peer, item: retrieve.StoredInstance, message_id: int) -> None:
+        """One C-STORE sub-operation: the file as stored, or transcoded."""
+        accepted = [
+            str(cx.transfer_syntax[0]) for cx in peer.accepted_contexts if str(cx.abstract_syntax) == item.sop_class_uid
+        ]
+        originator = {"originator_aet": self.calling, "originator_id": int(self.req.MessageID)} if self.is_move else {}
+        try:
+            if item.transfer_syntax_uid in accepted:
+                payload = storage.absolute(item.file_path)
+            else:
+                payload = retrieve.load(item, accepted)
+            reply = peer.send_c_store(payload, msg_id=message_id % 65536, **originator)
+            code = int(reply.Status) if "Status" in reply else None
+        except (retrieve.RetrieveError, OSError, ValueError, AttributeError, RuntimeError) as exc:
+            log.warning("%s sub-operation for %s failed: %s", self.kind, item.sop_instance_uid, exc)
+            code = None
+        if code == status.SUCCESS:
+            self.completed += 1
+        elif code is not None and (code & 0xF000) == 0xB000:
+            self.warning += 1
+        else:
+            self.failed += 1
+            self.failed_uids.append(item.sop_instance_uid)
+
+
+def _contexts(items: list[retrieve.StoredInstance]) -> list:
+    """Presentation contexts for a C-MOVE sub-association: for each SOP class, one per stored
+    transfer syntax (so the files can go as stored) and one uncompressed (to transcode)."""
+    wanted = retrieve.wanted_syntaxes(items)
+    contexts = []
+    for sop_class, syntaxes in wanted.items():
+        stored = [s for s in syntaxes if s not in retrieve.UNCOMPRESSED]
+        for syntax in stored:
+            contexts.append(build_context(sop_class, [syntax]))
+        contexts.append(build_context(sop_class, list(retrieve.UNCOMPRESSED)))
+    if len(contexts) > MAX_CONTEXTS:  # too many: uncompressed only, one per SOP class
+        contexts = [build_context(sop, list(retrieve.UNCOMPRESSED)) for sop in list(wanted)[:MAX_CONTEXTS]]
+    return contexts
