@@ -432,6 +432,7 @@ class OrthancReceiver(Receiver):
     """Orthanc with a temporary configuration: its own storage and index, no plugins."""
 
     ae_title = ORTHANC_AE
+    extra_config: dict = {}  # merged into the configuration (bench/move.py adds its destination)
 
     def start(self) -> None:
         self.http_port = free_port()
@@ -450,6 +451,7 @@ class OrthancReceiver(Receiver):
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False,
             "Plugins": [],
+            **self.extra_config,
         }
         config_path = self.run_dir / "orthanc.json"
         config_path.write_text(json.dumps(config, indent=2))

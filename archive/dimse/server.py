@@ -99,7 +99,7 @@ ACCEPTED_TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, *_LOSSLESS, *_UNCOMPRESSED
 DUL_POLL_SECONDS = 0.0002
 
 
-def _shorten_polling(event: evt.Event) -> None:
+def shorten_polling(event: evt.Event) -> None:
     dul = getattr(event.assoc, "dul", None)
     if dul is not None and hasattr(dul, "_run_loop_delay"):
         dul._run_loop_delay = DUL_POLL_SECONDS
@@ -231,7 +231,7 @@ class Scp:
             (evt.EVT_RELEASED, self._ended, ["released"]),
             (evt.EVT_ABORTED, self._ended, ["aborted"]),
             (evt.EVT_REJECTED, self._rejected),
-            (evt.EVT_ESTABLISHED, _shorten_polling),
+            (evt.EVT_ESTABLISHED, shorten_polling),
         ]
 
     def stats_for(self, assoc: Association) -> AssociationStats:

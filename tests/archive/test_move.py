@@ -104,7 +104,19 @@ def test_c_move_counts_every_sub_operation(qr, storescp) -> None:
     final = replies[-1][0]
     assert final.Status == status.SUCCESS
     assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations, final.NumberOfWarningSuboperations) == (5, 0, 0)
+    for reply in pending:  # progress, at most every PENDING_INTERVAL: always adding up
+        assert reply.NumberOfRemainingSuboperations + reply.NumberOfCompletedSuboperations == 5
+
+
+def test_pending_responses_show_progress(qr, storescp, monkeypatch) -> None:
+    from archive.dimse import move
+
+    monkeypatch.setattr(move, "PENDING_INTERVAL", 0)
+    storescp()
+    replies = c_move(qr, {"QueryRetrieveLevel": "SERIES", "SeriesInstanceUID": "1.2.9.1.1\\1.2.9.2.1"}, "DEST")
+    pending = [r for r, _ in replies if r.Status == status.PENDING]
     assert [r.NumberOfRemainingSuboperations for r in pending] == [4, 3, 2, 1]
+    assert [r.NumberOfCompletedSuboperations for r in pending] == [1, 2, 3, 4]
 
 
 def test_a_compressed_file_is_transcoded_for_a_destination_that_takes_only_uncompressed(db, scp, storescp) -> None:
