@@ -12,3 +12,6 @@ class ArchiveConfig(AppConfig):
         # (identifying UIDs, structure): pydicom's per-value validation on reading only
         # costs time (a regular expression per value) and fills the logs with warnings.
         pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+        # Likewise for the datasets the archive builds (C-FIND answers, responses): their
+        # values come from the database in DICOM form already.
+        pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
