@@ -40,7 +40,9 @@ test: setup-dev
 	$(BIN)/pytest
 
 bench: setup-dev
-	$(PY) bench/ingest.py
+	$(PY) bench/ingest.py --db both
+	$(PY) bench/query.py --db both
+	$(PY) bench/move.py --db both
 
 clean:
 	rm -rf $(VENV)

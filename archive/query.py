@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
+from django.db import connection
 from django.db.models import Count, Exists, OuterRef, Q, QuerySet, Subquery, Sum
 from pydicom.datadict import tag_for_keyword
 
@@ -332,8 +333,13 @@ def _match_text(column: str, value: str, *, case_insensitive: bool) -> Q:
     if not _has_wildcard(value):
         return Q(**{f"{column}__iexact" if case_insensitive else column: value})
     if value.endswith("*") and not _has_wildcard(value[:-1]):
+        prefix = value[:-1]
+        if not case_insensitive and prefix and connection.vendor == "sqlite":
+            # SQLite's LIKE ignores ASCII case and never uses a plain index; a range on the
+            # column (BINARY collation: code point order) is exact and an index range scan.
+            return Q(**{f"{column}__gte": prefix, f"{column}__lt": prefix[:-1] + chr(ord(prefix[-1]) + 1)})
         lookup = "istartswith" if case_insensitive else "startswith"
-        return Q(**{f"{column}__{lookup}": value[:-1]})  # an index range scan
+        return Q(**{f"{column}__{lookup}": prefix})  # PostgreSQL: varchar_pattern_ops index
     lookup = "iregex" if case_insensitive else "regex"
     return Q(**{f"{column}__{lookup}": wildcard_regex(value)})
 

@@ -184,3 +184,9 @@ def test_limits_and_exact_name_matching(corpus, settings) -> None:
 def test_unusable_identifiers_are_refused_with_a_reason(db, level: str, keys: dict, message: str) -> None:
     with pytest.raises(QueryError, match=message):
         list(query.find(level, keys))
+
+
+def test_prefix_matching_is_case_sensitive_for_codes(corpus) -> None:
+    # AccessionNumber (SH) matches exactly, case included, on every database (PS3.4 C.2.2.2.4)
+    assert uids("STUDY", {"AccessionNumber": "a1*"}) == set()
+    assert uids("STUDY", {"AccessionNumber": "A10*"}) == {"1.2.9.1", "1.2.9.2"}
