@@ -75,6 +75,13 @@ if _database_url:
         _db = dj_database_url.parse(_database_url, conn_max_age=envint("DATABASE_CONN_MAX_AGE", 60))
     except ValueError as exc:
         raise ImproperlyConfigured(f"DATABASE_URL: {exc}") from exc
+    if _db["ENGINE"] == "django.db.backends.postgresql" and envbool("PACS_DB_POOL", False):
+        # A connection pool in this process (runscp turns it on for itself): every DICOM
+        # association is a new thread, and a new connection costs about 5 ms.
+        _db["CONN_MAX_AGE"] = 0
+        # At least one connection per association the process may serve, and a few more.
+        _pool_size = envint("PACS_MAX_ASSOCIATIONS", 32, minimum=1) + 4
+        _db.setdefault("OPTIONS", {})["pool"] = {"min_size": 1, "max_size": _pool_size, "timeout": 30}
 else:
     _db = {"ENGINE": "django.db.backends.sqlite3", "NAME": str(SQLITE_PATH)}
 if _db["ENGINE"] == "django.db.backends.sqlite3":
