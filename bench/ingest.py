@@ -812,6 +812,19 @@ def raise_terminated(signum: int, _frame: object) -> None:
     raise Terminated(signal.Signals(signum).name)
 
 
+def clean_up(processes: Processes, pg: "PostgresAdmin | None", work: Path) -> None:
+    """Stop every process, drop the throw-away databases and remove the work folder.
+
+    Further Ctrl-C (and SIGTERM) are ignored meanwhile, so that nothing is left behind.
+    """
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
+    processes.stop_all()
+    if pg is not None:
+        pg.drop_all()
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     check_tools()
@@ -861,13 +874,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted; cleaning up", file=sys.stderr)
         return 130
     finally:
-        # Ignore further Ctrl-C (and SIGTERM) while cleaning up, so that nothing is left behind.
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(signum, signal.SIG_IGN)
-        processes.stop_all()
-        if pg is not None:
-            pg.drop_all()
-        shutil.rmtree(work, ignore_errors=True)
+        clean_up(processes, pg, work)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import shutil
 import signal
 import subprocess
 import sys
@@ -143,10 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nwritten to {out}")
         return 0
     finally:
-        processes.stop_all()
-        if pg is not None:
-            pg.drop_all()
-        shutil.rmtree(work, ignore_errors=True)
+        ingest.clean_up(processes, pg, work)
 
 
 if __name__ == "__main__":

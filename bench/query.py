@@ -1327,13 +1327,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted; cleaning up", file=sys.stderr)
         return 130
     finally:
-        # Ignore further Ctrl-C (and SIGTERM) while cleaning up, so that nothing is left behind.
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(signum, signal.SIG_IGN)
-        processes.stop_all()
-        if pg is not None:
-            pg.drop_all()
-        shutil.rmtree(work, ignore_errors=True)
+        ingest.clean_up(processes, pg, work)
 
 
 if __name__ == "__main__":
