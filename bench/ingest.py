@@ -528,6 +528,8 @@ class PacsReceiver(Receiver):
 class PostgresAdmin:
     """Creates and drops the benchmark's throw-away PostgreSQL databases."""
 
+    prefix = "bench_ingest"
+
     def __init__(self, admin_url: str) -> None:
         self.admin_url = admin_url
         self.created: set[str] = set()
@@ -549,7 +551,7 @@ class PostgresAdmin:
 
     def create(self) -> str:
         self.sequence += 1
-        name = f"bench_ingest_{os.getpid()}_{self.sequence}"
+        name = f"{self.prefix}_{os.getpid()}_{self.sequence}"
         self._execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
         self._execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         self.created.add(name)

@@ -727,41 +727,13 @@ def record(timings: Timings, query: Query, result: tuple[float, int]) -> None:
 class PostgresAdmin(ingest.PostgresAdmin):
     """The ingest benchmark's throw-away databases, named after this benchmark."""
 
-    def create(self) -> str:
-        self.sequence += 1
-        name = f"bench_query_{os.getpid()}_{self.sequence}"
-        self._execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-        self._execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        self.created.add(name)
-        return name
+    prefix = "bench_query"
 
 
 class OrthancFind(ingest.OrthancReceiver):
     """Orthanc with a temporary configuration that lets any AE title query (C-FIND)."""
 
-    def start(self) -> None:
-        self.http_port = ingest.free_port()
-        config = {
-            "Name": "pacsportal-bench",
-            "StorageDirectory": str(self.run_dir / "storage"),
-            "IndexDirectory": str(self.run_dir / "index"),
-            "StorageCompression": False,
-            "DicomServerEnabled": True,
-            "DicomAet": self.ae_title,
-            "DicomPort": self.port,
-            "DicomCheckCalledAet": False,
-            "DicomAlwaysAllowFind": True,  # the default (false) refuses unknown AE titles
-            "HttpServerEnabled": True,
-            "HttpPort": self.http_port,
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "Plugins": [],
-        }
-        config_path = self.run_dir / "orthanc.json"
-        config_path.write_text(json.dumps(config, indent=2))
-        env = ingest.clean_env(TCP_NODELAY="1")
-        self.proc = self.processes.start([ORTHANC_BINARY, str(config_path)], env, self.log_path)
-        ingest.wait_for_echo(self.proc, self.ae_title, self.port, self.log_path)
+    extra_config = {"DicomAlwaysAllowFind": True}  # the default (false) refuses unknown AE titles
 
 
 def new_pacs(db: str, work: Path, processes: Processes, pg: PostgresAdmin | None) -> PacsReceiver:
