@@ -15,3 +15,8 @@ class ArchiveConfig(AppConfig):
         # Likewise for the datasets the archive builds (C-FIND answers, responses): their
         # values come from the database in DICOM form already.
         pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
+
+        from archive.ingest import series_received
+        from archive.tasks import queue_prerender
+
+        series_received.connect(queue_prerender, dispatch_uid="archive.queue_prerender")

@@ -52,6 +52,19 @@ log = logging.getLogger("archive.ingest")
 # Sent after an instance's transaction commits: sender=Instance, instance_id, study_id,
 # series_id, created_series (bool). Follow-up work (render cache, routing, labels) hooks here.
 instance_stored = Signal()
+# Sent when a batch of stores has ended (an association released or aborted, an import
+# finished, an upload answered): sender, series_ids (the series that received instances).
+# Work that wants whole series (the render cache) hooks here rather than per instance.
+series_received = Signal()
+
+
+def announce_series(sender: object, series_ids: set[int]) -> None:
+    """Send ``series_received`` for ``series_ids``; a failing receiver is logged, never raised."""
+    if not series_ids:
+        return
+    for receiver, result in series_received.send_robust(sender=sender, series_ids=sorted(series_ids)):
+        if isinstance(result, Exception):
+            log.error("series_received receiver %s failed: %s", getattr(receiver, "__name__", receiver), result)
 
 # Refuse a write that would leave less than this on the storage filesystem.
 MIN_FREE_BYTES = 64 * 1024 * 1024
@@ -83,6 +96,7 @@ class IngestResult:
     reason: str = ""
     sop_instance_uid: str = ""
     instance_id: int | None = None
+    series_id: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -201,7 +215,7 @@ def _ingest_temp(temp: Path, source: Source, expected: Expected | None) -> Inges
         series_id=keys.series_id,
         created_series=keys.created_series,
     )
-    return IngestResult(Outcome.STORED, "", uid, keys.instance_id)
+    return IngestResult(Outcome.STORED, "", uid, keys.instance_id, keys.series_id)
 
 
 def _mismatch(header: Header, expected: Expected) -> str:

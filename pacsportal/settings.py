@@ -43,6 +43,8 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    # Every page requires a signed-in user unless its view says otherwise (login, admin login).
+    "django.contrib.auth.middleware.LoginRequiredMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
@@ -149,6 +151,8 @@ else:
 
 # The archive.
 PACS_STORAGE_DIR = Path(envstr("PACS_STORAGE_DIR", str(VAR_DIR / "storage"))).resolve()
+# Rendered PNGs (previews, thumbnails, packed frames for the viewer); safe to delete at any time.
+PACS_RENDER_CACHE_DIR = Path(envstr("PACS_RENDER_CACHE_DIR", str(VAR_DIR / "cache" / "render"))).resolve()
 PACS_AE_TITLE = envstr("PACS_AE_TITLE", "PACSPORTAL")
 PACS_BIND_ADDRESS = envstr("PACS_BIND_ADDRESS", "0.0.0.0")
 PACS_DICOM_PORT = envint("PACS_DICOM_PORT", 11112, minimum=0)

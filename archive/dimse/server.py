@@ -42,6 +42,7 @@ from archive.dimse import move
 from archive.dimse.find import handle_find
 from archive.dimse.move import RETRIEVE_MODELS
 from archive.dimse.store import AssociationStats, InFlight, handle_store
+from archive.ingest import announce_series
 
 log = logging.getLogger("archive.dimse")
 
@@ -261,6 +262,7 @@ class Scp:
             stats.failed,
             f" ({stats.seconds / handled * 1000:.1f} ms per instance)" if handled else "",
         )
+        announce_series(self, stats.series_ids)
         if threading.current_thread() is event.assoc:
             connection.close()  # the association's thread is ending; its connection goes too
 

@@ -37,11 +37,14 @@ class AssociationStats:
     duplicates: int = 0
     failed: int = 0
     seconds: float = 0.0  # spent storing (after reception), for the closing log line
+    series_ids: set[int] = field(default_factory=set)  # series that received instances
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def count(self, outcome: Outcome, seconds: float = 0.0) -> None:
+    def count(self, outcome: Outcome, seconds: float = 0.0, series_id: int | None = None) -> None:
         with self.lock:
             self.seconds += seconds
+            if series_id is not None:
+                self.series_ids.add(series_id)
             if outcome is Outcome.STORED:
                 self.stored += 1
             elif outcome is Outcome.DUPLICATE:
@@ -100,7 +103,7 @@ def handle_store(event: events.Event, stats_for, in_flight: InFlight) -> int | D
         result = ingest_file(event.dataset_path, source_of(event), take=True, expected=expected)
     finally:
         in_flight.end()
-    stats_for(event.assoc).count(result.outcome, time.perf_counter() - started)
+    stats_for(event.assoc).count(result.outcome, time.perf_counter() - started, result.series_id)
     code = STATUS_FOR[result.outcome]
     if result.ok:
         return code

@@ -9,7 +9,7 @@ from typing import Iterator
 from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
-from archive.ingest import Outcome, Source, ingest_file
+from archive.ingest import Outcome, Source, announce_series, ingest_file
 
 
 def walk(paths: list[str]) -> Iterator[Path]:
@@ -39,9 +39,12 @@ class Command(BaseCommand):
         counts: Counter[str] = Counter()
         problems: list[tuple[Path, str, str]] = []
         bar = tqdm(files, unit="file", disable=options["no_progress"] or not files, file=self.stderr._out)
+        series_ids: set[int] = set()
         for path in bar:
             result = ingest_file(path, Source(channel="import", path=str(path)))
             counts[result.outcome.value] += 1
+            if result.series_id is not None:
+                series_ids.add(result.series_id)
             if result.outcome is Outcome.REJECTED and result.reason.startswith("not a DICOM"):
                 counts["skipped"] += 1
                 counts[result.outcome.value] -= 1
@@ -49,6 +52,7 @@ class Command(BaseCommand):
             elif not result.ok:
                 problems.append((path, result.outcome.value, result.reason))
         bar.close()
+        announce_series(self, series_ids)
         for path, what, reason in problems:
             self.stdout.write(f"{what}: {path}: {reason}")
         stored, duplicates = counts[Outcome.STORED.value], counts[Outcome.DUPLICATE.value]
