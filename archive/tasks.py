@@ -26,9 +26,10 @@ def prerender_series(series_id: int) -> int:
             made += render.render_all(instance)
         except render.RenderError as exc:
             log.info("instance %s of series %s not rendered: %s", instance.pk, series_id, exc)
-    if instances:
+    middle = middle_instance(instances) if instances else None
+    if middle is not None and not render.cache_path(middle, 1, "thumbnail").exists():
         try:
-            render.rendition(middle_instance(instances), 1, "thumbnail")
+            render.rendition(middle, 1, "thumbnail")
             made += 1
         except render.RenderError:
             pass

@@ -112,6 +112,7 @@ def storage_dir(settings, tmp_path: Path) -> Iterator[Path]:
     path = tmp_path / "storage"
     path.mkdir()
     settings.PACS_STORAGE_DIR = path
+    settings.PACS_RENDER_CACHE_DIR = tmp_path / "render"
     series_cache.clear()
     yield path
     series_cache.clear()

@@ -100,20 +100,20 @@ class StudySearch:
     def ordering(self) -> tuple[str, ...]:
         descending = self.sort.startswith("-")
         column = SORTS[self.sort.lstrip("-")]
-        return (("-" if descending else "") + column, "-pk")
+        return (("-" if descending else "") + column, "-study_date", "-pk")
 
 
 def _pattern(value: str) -> str:
-    """What a user types is a prefix unless it already holds DICOM wildcards."""
-    return value if "*" in value or "?" in value else value + "*"
+    """What a user types is a prefix (``*`` and ``?`` are DICOM wildcards anywhere)."""
+    return value if value.endswith("*") else value + "*"
 
 
 def _name_pattern(value: str) -> str:
-    """'doe jane' or 'Doe, Jane' as the PN pattern 'doe*^jane*'; wildcards kept as typed."""
-    if "^" in value or "*" in value or "?" in value:
-        return value
-    parts = [p for p in value.replace(",", " ").split() if p]
-    return "*^".join(parts) + "*" if parts else ""
+    """'doe jane' or 'Doe, Jane' as the PN pattern 'doe*^jane*'; typed ``^`` kept as is."""
+    if "^" not in value:
+        parts = [p for p in value.replace(",", " ").split() if p]
+        value = "*^".join(p.rstrip("*") for p in parts)
+    return _pattern(value) if value else ""
 
 
 def search_studies(search: StudySearch, scope: QuerySet[Study]) -> QuerySet[Study]:

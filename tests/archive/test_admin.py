@@ -63,4 +63,9 @@ def test_every_archive_page_renders_read_only(admin_client_with_data: Client) ->
 def test_the_admin_requires_a_staff_login(db) -> None:
     response = Client().get("/admin/archive/study/")
     assert response.status_code == 302
+    assert "/login/" in response["Location"]  # every page but login requires a user
+    clinician = Client()
+    clinician.force_login(User.objects.create_user("bob", password="x"))  # signed in, not staff
+    response = clinician.get("/admin/archive/study/")
+    assert response.status_code == 302
     assert "/admin/login/" in response["Location"]

@@ -49,6 +49,11 @@
     allLoaded: new Promise((r) => (resolveAll = r)),
     show, setWindow, loadSeries, imageToScreen, screenToImage,
     pixel: (column, row) => imageContext.getImageData(column, row, 1, 1).data[0],
+    rgba: (column, row) => Array.from(imageContext.getImageData(column, row, 1, 1).data),
+    measurementLabels: () => {
+      const slice = state.slices[state.index];
+      return (state.measurements.get(keyOf(slice)) || []).map((line) => measureText(line, slice));
+    },
   };
   window.pacsViewer = api;
 
