@@ -150,7 +150,7 @@
 
   function defaultWindow(slice, entry) {
     if (slice.windows && slice.windows.length) return [slice.windows[0].center, slice.windows[0].width];
-    if (slice.colour || !slice.packed) return [127.5, 256];
+    if (slice.colour || !slice.packed) return [128, 256]; // the identity on 0..255
     const [lo, hi] = entry.range;
     return [(lo + hi + 1) / 2, Math.max(hi - lo + 1, 1)];
   }
@@ -267,7 +267,7 @@
   }
 
   function fmt(value, digits = 1) {
-    return value === null || value === undefined ? "–" : Number(value).toFixed(digits).replace(/\.0+$/, "");
+    return value === null || value === undefined ? "–" : String(Number(Number(value).toFixed(digits)));
   }
 
   function updateOverlay() {
