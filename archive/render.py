@@ -50,6 +50,10 @@ PNG_COMPRESS_LEVEL = 1  # zlib level: 1 is several times faster than 6, and abou
 COLOUR = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "PALETTE COLOR"}
 
 
+# The columns rendering needs: load only these when listing instances to render.
+RENDER_FIELDS = ("pk", "sop_instance_uid", "file_sha256", "file_path", "number_of_frames")
+
+
 class RenderError(Exception):
     """A frame that cannot be rendered; ``str(exc)`` says why."""
 
@@ -91,8 +95,16 @@ def rendition(instance: Instance, frame: int, kind: str) -> Rendition:
     path = cache_path(instance, frame, kind)
     if not path.exists():
         ds = _read(instance)
-        _write_atomic(path, render(ds, frame, kind))
+        write_atomic(path, render(ds, frame, kind))
     return Rendition(path, etag(instance, frame, kind))
+
+
+def series_representative(series_id: int) -> Instance | None:
+    """The instance a series is shown by (its thumbnail): the middle one in instance order."""
+    pks = list(Instance.objects.filter(series_id=series_id).order_by("instance_number", "pk").values_list("pk", flat=True))
+    if not pks:
+        return None
+    return Instance.objects.only(*RENDER_FIELDS).get(pk=pks[len(pks) // 2])
 
 
 def render_all(instance: Instance, kinds: tuple[str, ...] = ("preview", "packed")) -> int:
@@ -105,7 +117,7 @@ def render_all(instance: Instance, kinds: tuple[str, ...] = ("preview", "packed"
     made = 0
     for frame, kind in missing:
         try:
-            _write_atomic(cache_path(instance, frame, kind), render(ds, frame, kind))
+            write_atomic(cache_path(instance, frame, kind), render(ds, frame, kind))
             made += 1
         except RenderError as exc:
             log.info("no %s rendition of frame %d of instance %s: %s", kind, frame, instance.pk, exc)
@@ -121,7 +133,8 @@ def _read(instance: Instance) -> Dataset:
         raise RenderError(f"the instance's file cannot be read: {exc}") from None
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary name and a rename (whole file or none)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".render-")
     try:

@@ -6,7 +6,7 @@ import logging
 
 from django_q.tasks import async_task
 
-from archive import render
+from archive import render, slices
 from archive.models import Instance, Series
 
 log = logging.getLogger("archive.tasks")
@@ -19,26 +19,22 @@ def prerender_series(series_id: int) -> int:
     series = Series.objects.filter(pk=series_id).first()
     if series is None:
         return 0  # deleted since
-    instances = list(series.instances.order_by("instance_number", "pk"))
+    instances = Instance.objects.filter(series_id=series_id).only(*render.RENDER_FIELDS).order_by("instance_number", "pk")
     made = 0
     for instance in instances:
         try:
             made += render.render_all(instance)
         except render.RenderError as exc:
             log.info("instance %s of series %s not rendered: %s", instance.pk, series_id, exc)
-    middle = middle_instance(instances) if instances else None
+    middle = render.series_representative(series_id)
     if middle is not None and not render.cache_path(middle, 1, "thumbnail").exists():
         try:
             render.rendition(middle, 1, "thumbnail")
             made += 1
         except render.RenderError:
             pass
+    slices.series_slices(series)  # the viewer's slice list: opening the series reads one file
     return made
-
-
-def middle_instance(instances: list[Instance]) -> Instance:
-    """The instance a series is represented by: the middle one in order."""
-    return instances[len(instances) // 2]
 
 
 def queue_prerender(sender: object, series_ids: list[int], **kwargs: object) -> None:

@@ -364,8 +364,9 @@ def django_setup() -> None:
     django.setup()
 
 
-def child_fill(studies: int) -> dict[str, Any]:
-    """Fill the (migrated, empty) database with the generated archive; return the timings."""
+def child_fill(studies: int, with_instances: bool = True) -> dict[str, Any]:
+    """Fill the (migrated, empty) database with the generated archive; return the timings.
+    Without instances, only patients, studies and series (what the study list reads)."""
     django_setup()
     from django.db import connection, transaction
 
@@ -440,13 +441,13 @@ def child_fill(studies: int) -> dict[str, Any]:
     progress(f"{len(patients)} patients, {len(studies_rows)} studies, {len(series_rows)} series "
              f"in {time.perf_counter() - started:.1f} s")
 
-    total = plan.instance_count
+    total = plan.instance_count if with_instances else 0
     pending: list = []
     done = 0
     number = 0
     next_report = 100_000
     series_iter = iter(series_rows)
-    for s in plan.studies:
+    for s in plan.studies if with_instances else []:
         for x in s.series:
             series_pk = next(series_iter).pk
             sop_class = SOP_CLASSES[x.modality]
@@ -1218,6 +1219,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # Internal: the parts that run inside Django, in a child process with the receiver's environment.
     parser.add_argument("--child", choices=["fill", "explain"], help=argparse.SUPPRESS)
     parser.add_argument("--queries", help=argparse.SUPPRESS)
+    parser.add_argument("--no-instances", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.studies = QUICK_STUDIES
@@ -1239,7 +1241,7 @@ def check_tools() -> None:
 
 def child_main(args: argparse.Namespace) -> int:
     if args.child == "fill":
-        result = child_fill(args.studies)
+        result = child_fill(args.studies, with_instances=not args.no_instances)
     else:
         result = child_explain(json.loads(args.queries), args.repeats)
     print(json.dumps(result, default=str))

@@ -7,14 +7,13 @@ matches exactly as C-FIND and QIDO-RS do; the form's fields are translated here.
 from __future__ import annotations
 
 import datetime as dt
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from django.db.models import Exists, OuterRef, Q, QuerySet
 
-from archive import query, render
-from archive.models import Instance, Series, Study
+from archive import query
+from archive.models import Series, Study
 
 # Sortable columns: form value -> ORM ordering (ties broken by the newest first).
 SORTS = {
@@ -125,71 +124,8 @@ def search_studies(search: StudySearch, scope: QuerySet[Study]) -> QuerySet[Stud
     return rows.select_related("patient").order_by(*search.ordering())
 
 
-# ------------------------------------------------------------------------- the viewer's slices
-
-
 def ordered_series(study: Study) -> list[Series]:
     """A study's series in series number order (unnumbered last)."""
     series = list(study.series.all())
     series.sort(key=lambda s: (s.series_number is None, s.series_number or 0, s.pk))
     return series
-
-
-def series_slices(series: Series) -> list[dict[str, Any]]:
-    """Every frame of a series as a slice for the viewer, in anatomical order.
-
-    Slices are ordered by their position along the slice normal (the cross product of the
-    row and column directions of ImageOrientationPatient, PS3.3 C.7.6.2.1.1) when every
-    slice has a position and they share one orientation; otherwise by InstanceNumber, then
-    frame number.
-    """
-    instances = Instance.objects.filter(series=series).only(
-        "pk", "sop_instance_uid", "file_sha256", "instance_number", "number_of_frames", "metadata", "file_path"
-    )
-    slices: list[dict[str, Any]] = []
-    for instance in instances:
-        info = render.image_info(instance.metadata, instance)
-        version = render.etag(instance, 1, "v")[1:13]
-        for frame in range(1, (info["frames"] or 1) + 1):
-            positions = info["positions"]
-            position = positions[frame - 1] if frame - 1 < len(positions) else (positions[0] if len(positions) == 1 else None)
-            slices.append(
-                {
-                    "sop": instance.sop_instance_uid,
-                    "frame": frame,
-                    "version": version,
-                    "instance_number": info["instance_number"],
-                    "rows": info["rows"],
-                    "columns": info["columns"],
-                    "colour": info["colour"],
-                    "invert": info["invert"],
-                    "packed": info["packed"],
-                    "signed": info["signed"],
-                    "slope": info["slope"],
-                    "intercept": info["intercept"],
-                    "windows": info["windows"],
-                    "pixel_spacing": info["pixel_spacing"],
-                    "spacing_source": info["spacing_source"],
-                    "orientation": info["orientation"],
-                    "position": position,
-                    "slice_thickness": info["slice_thickness"],
-                    "slice_location": info["slice_location"],
-                    "frames": info["frames"],
-                }
-            )
-    slices.sort(key=_slice_order(slices))
-    return slices
-
-
-def _slice_order(slices: list[dict[str, Any]]):
-    orientations = {tuple(round(v, 4) for v in s["orientation"]) for s in slices if s["orientation"]}
-    if len(orientations) == 1 and all(s["position"] for s in slices) and len(slices) > 1:
-        row, column = list(orientations)[0][:3], list(orientations)[0][3:]
-        normal = (
-            row[1] * column[2] - row[2] * column[1],
-            row[2] * column[0] - row[0] * column[2],
-            row[0] * column[1] - row[1] * column[0],
-        )
-        if math.isclose(sum(n * n for n in normal), 1.0, rel_tol=0.05):
-            return lambda s: (sum(p * n for p, n in zip(s["position"], normal)), s["instance_number"] or 0, s["frame"])
-    return lambda s: (s["instance_number"] is None, s["instance_number"] or 0, s["sop"], s["frame"])

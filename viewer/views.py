@@ -19,9 +19,9 @@ from archive import access
 from archive import render as renderer
 from archive.models import Instance, Series, Study
 from archive.query import QueryError
-from archive.tasks import middle_instance
+from archive.slices import series_slices
+from viewer.selectors import MODALITIES, StudySearch, ordered_series, search_studies
 from viewer.templatetags.dicom import person_name
-from viewer.selectors import MODALITIES, StudySearch, ordered_series, search_studies, series_slices
 
 PAGE_SIZE = 50
 # Rendered images never change under their URL (it carries the file's hash); they are
@@ -152,7 +152,7 @@ def series_slices_json(request: HttpRequest, study_uid: str, series_uid: str) ->
 def frame_image(request: HttpRequest, sop_uid: str, frame: int, kind: str) -> HttpResponse:
     """A rendition of one frame (``preview``, ``packed`` or ``thumbnail``) as PNG, from the cache."""
     instance = get_object_or_404(
-        access.instances_for(request.user).only("pk", "sop_instance_uid", "file_sha256", "file_path", "number_of_frames"),
+        access.instances_for(request.user).only(*renderer.RENDER_FIELDS),
         sop_instance_uid=sop_uid,
     )
     return _image_response(request, instance, frame, kind, IMMUTABLE)
@@ -161,16 +161,12 @@ def frame_image(request: HttpRequest, sop_uid: str, frame: int, kind: str) -> Ht
 @require_GET
 def series_thumbnail(request: HttpRequest, series_uid: str) -> HttpResponse:
     """The thumbnail of a series: its middle instance's first frame."""
-    series = get_object_or_404(access.series_for(request.user), series_instance_uid=series_uid)
-    instances = list(
-        series.instances.order_by("instance_number", "pk").only(
-            "pk", "sop_instance_uid", "file_sha256", "file_path", "number_of_frames"
-        )
-    )
-    if not instances:
+    series = get_object_or_404(access.series_for(request.user).only("pk"), series_instance_uid=series_uid)
+    instance = renderer.series_representative(series.pk)
+    if instance is None:
         raise Http404("The series holds no instances.")
     # A series grows while it arrives: revalidate, but cheaply (the ETag names the instance).
-    return _image_response(request, middle_instance(instances), 1, "thumbnail", "private, no-cache")
+    return _image_response(request, instance, 1, "thumbnail", "private, no-cache")
 
 
 def _image_response(request: HttpRequest, instance: Instance, frame: int, kind: str, cache_control: str) -> HttpResponse:

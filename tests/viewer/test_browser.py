@@ -91,7 +91,7 @@ def ct_series(slices: int = 5, **extra) -> tuple[str, str, np.ndarray]:
 
 def open_viewer(page, study_uid: str) -> None:
     page.goto(f"/viewer/{study_uid}/")
-    page.wait_for_function("window.pacsViewer && window.pacsViewer.firstPaint !== null", timeout=15000)
+    page.wait_for_function("window.pacsViewer && window.pacsViewer.losslessPaint !== null", timeout=15000)
 
 
 def position(page) -> str:

@@ -8,6 +8,7 @@
 "use strict";
 
 (function () {
+  performance.mark("viewer-js-start");
   const I = window.PacsImaging;
   const data = JSON.parse(document.getElementById("viewer-data").textContent);
   const overlay = JSON.parse(document.getElementById("overlay-data").textContent);
@@ -44,7 +45,7 @@
   let imageData = null;
   let resolveFirst, resolveAll;
   const api = {
-    state, imageCanvas, paints: 0, firstPaint: null,
+    state, imageCanvas, paints: 0, firstPaint: null, losslessPaint: null,
     firstPainted: new Promise((r) => (resolveFirst = r)),
     allLoaded: new Promise((r) => (resolveAll = r)),
     show, setWindow, loadSeries, imageToScreen, screenToImage,
@@ -193,6 +194,12 @@
     message(null);
     draw();
     api.paints++;
+    api.losslessPaint = api.losslessPaint || performance.now();
+    firstPainted();
+  }
+
+  /* The first slice is on screen: from the 8-bit preview or from the lossless rendition. */
+  function firstPainted() {
     if (api.firstPaint === null) {
       api.firstPaint = performance.now();
       resolveFirst(api.firstPaint);
@@ -534,6 +541,7 @@
         imageData = null;
         imageContext.drawImage(preview, 0, 0);
         draw();
+        firstPainted();
       };
       preview.src = urlOf(first, "preview");
     }
@@ -546,5 +554,7 @@
   }
 
   viewport.focus();
+  performance.mark("viewer-start");
   start();
+  performance.mark("viewer-started");
 })();
