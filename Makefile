@@ -43,6 +43,7 @@ bench: setup-dev
 	$(PY) bench/ingest.py --db both
 	$(PY) bench/query.py --db both
 	$(PY) bench/move.py --db both
+	$(PY) bench/viewer.py --db both
 
 clean:
 	rm -rf $(VENV)
