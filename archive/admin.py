@@ -13,7 +13,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from archive.dimse import echo
-from archive.models import Instance, Patient, RemoteNode, Series, Study
+from archive.models import AccessLabel, Instance, LabelRule, Patient, RemoteNode, Series, Study
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -96,9 +96,17 @@ class StudyAdmin(ReadOnlyAdmin):
         "=study_instance_uid",
         "study_description",
     )
-    list_filter = (ModalityFilter, "study_date", "status", "priority")
+    list_filter = (ModalityFilter, "study_date", "status", "priority", "access_labels")
     date_hierarchy = "study_date"
     inlines = [SeriesInline]
+    filter_horizontal = ("access_labels",)
+
+    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
+        # Only the access labels are set by hand; everything else comes from the instances.
+        return admin.ModelAdmin.has_change_permission(self, request, obj)
+
+    def get_readonly_fields(self, request: HttpRequest, obj=None):
+        return [f.name for f in Study._meta.fields]
 
 
 @admin.register(Series)
@@ -137,9 +145,10 @@ class RemoteNodeAdmin(admin.ModelAdmin):
     fieldsets = (
         (None, {"fields": ("name", "description")}),
         ("Connection", {"fields": ("ae_title", "host", "port")}),
-        ("May", {"fields": ("may_store", "may_query", "may_retrieve")}),
+        ("May", {"fields": ("may_store", "may_query", "may_retrieve", "access_labels")}),
         (None, {"fields": ("created", "updated")}),
     )
+    filter_horizontal = ("access_labels",)
     actions = ["verify_with_c_echo"]
 
     @admin.action(description="Verify with C-ECHO")
@@ -160,3 +169,33 @@ class RemoteNodeAdmin(admin.ModelAdmin):
                 self.message_user(request, f"{node} is reachable: {text}.", messages.SUCCESS)
             else:
                 self.message_user(request, f"{node} could not be verified: {text}.", messages.ERROR)
+
+
+class LabelRuleInline(admin.TabularInline):
+    model = LabelRule
+    extra = 1
+    fields = ("attribute", "pattern", "active")
+
+
+@admin.register(AccessLabel)
+class AccessLabelAdmin(admin.ModelAdmin):
+    """Scopes of studies: the groups that hold a label see its studies; rules label arrivals."""
+
+    list_display = ("name", "description", "group_names", "rule_count")
+    search_fields = ("name",)
+    filter_horizontal = ("groups",)
+    inlines = [LabelRuleInline]
+
+    @admin.display(description="groups")
+    def group_names(self, label: AccessLabel) -> str:
+        return ", ".join(label.groups.values_list("name", flat=True))
+
+    @admin.display(description="rules")
+    def rule_count(self, label: AccessLabel) -> int:
+        return label.rules.count()
+
+
+@admin.register(LabelRule)
+class LabelRuleAdmin(admin.ModelAdmin):
+    list_display = ("label", "attribute", "pattern", "active")
+    list_filter = ("attribute", "active", "label")

@@ -16,7 +16,9 @@ class ArchiveConfig(AppConfig):
         # values come from the database in DICOM form already.
         pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
 
-        from archive.ingest import series_received
+        from archive.access import label_new_series
+        from archive.ingest import instance_stored, series_received
         from archive.tasks import queue_prerender
 
         series_received.connect(queue_prerender, dispatch_uid="archive.queue_prerender")
+        instance_stored.connect(label_new_series, dispatch_uid="archive.label_new_series")

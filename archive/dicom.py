@@ -279,6 +279,14 @@ def parse_tm(value: str) -> dt.time | None:
         return None
 
 
+def fnmatch_dicom(value: str, pattern: str) -> bool:
+    """Whether ``value`` matches ``pattern`` with DICOM wildcards (``*``, ``?``), ignoring case."""
+    parts = []
+    for char in pattern.strip():
+        parts.append(".*" if char == "*" else "." if char == "?" else re.escape(char))
+    return re.fullmatch("".join(parts), (value or "").strip(), flags=re.IGNORECASE | re.DOTALL) is not None
+
+
 def normalize_name(value: str) -> str:
     """Fold a person name for case- and accent-insensitive matching (Müller -> muller)."""
     decomposed = unicodedata.normalize("NFKD", value)

@@ -73,9 +73,24 @@ class Study(models.Model):
     created = models.DateTimeField(auto_now_add=True)
     updated = models.DateTimeField(auto_now=True)
 
+    access_labels = models.ManyToManyField(
+        "AccessLabel",
+        blank=True,
+        related_name="studies",
+        help_text="Who may see the study besides those who see every study: the labels' groups.",
+    )
+
     class Meta:
         verbose_name_plural = "studies"
         indexes = [models.Index(fields=["study_date", "study_time"], name="study_date_time_idx")]
+        permissions = [
+            ("view_all_studies", "Can see every study, whatever its access labels"),
+            ("view_images", "Can see images (pixel data) of the studies in scope"),
+            ("download_study", "Can download and export the studies in scope"),
+            ("import_study", "Can import and upload instances"),
+            ("change_study_status", "Can change the status and priority of a study"),
+            ("correct_demographics", "Can correct patient and study demographics"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.study_date or '????-??-??'} {self.study_description or self.study_instance_uid}"
@@ -187,6 +202,12 @@ class RemoteNode(models.Model):
         default=True,
         help_text="May retrieve from the archive (C-MOVE, C-GET) and is a valid C-MOVE destination.",
     )
+    access_labels = models.ManyToManyField(
+        "AccessLabel",
+        blank=True,
+        related_name="nodes",
+        help_text="When set, the node queries and retrieves only the studies carrying one of these labels.",
+    )
     description = models.TextField(blank=True)
     created = models.DateTimeField(auto_now_add=True)
     updated = models.DateTimeField(auto_now=True)
@@ -207,3 +228,41 @@ class RemoteNode(models.Model):
     def rights(self) -> list[str]:
         """The services it may use, e.g. ["store", "query", "retrieve"]."""
         return [right for right in ("store", "query", "retrieve") if getattr(self, f"may_{right}")]
+
+
+class AccessLabel(models.Model):
+    """A scope of studies (a department, a site): the groups holding it see its studies."""
+
+    name = models.CharField(max_length=64, unique=True, help_text="e.g. “Cardiology” or “Site North”.")
+    description = models.TextField(blank=True)
+    groups = models.ManyToManyField(
+        "auth.Group", blank=True, related_name="access_labels", help_text="Members of these groups see the labelled studies."
+    )
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class LabelRule(models.Model):
+    """Gives a label to arriving studies whose attribute matches a pattern (``*`` and ``?``)."""
+
+    class Attribute(models.TextChoices):
+        CALLING_AE = "calling_ae", "calling AE title (the sender)"
+        INSTITUTION = "institution_name", "Institution Name"
+        REFERRING = "referring_physician_name", "Referring Physician's Name"
+
+    label = models.ForeignKey(AccessLabel, on_delete=models.CASCADE, related_name="rules")
+    attribute = models.CharField(max_length=32, choices=Attribute.choices)
+    pattern = models.CharField(
+        max_length=324, help_text="Matched case-insensitively; * matches any characters, ? one character."
+    )
+    active = models.BooleanField(default=True)
+
+    class Meta:
+        ordering = ["label__name", "attribute", "pattern"]
+
+    def __str__(self) -> str:
+        return f"{self.get_attribute_display()} matches {self.pattern!r} → {self.label}"

@@ -30,6 +30,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "rest_framework.authtoken",
     "django_q",
+    "axes",
     "archive",
     "viewer",
     "worklist",
@@ -47,6 +48,9 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.LoginRequiredMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "pacsportal.middleware.IdleTimeout",
+    # Last, as django-axes asks: it turns a locked-out sign-in into the lockout page.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "pacsportal.urls"
@@ -121,9 +125,33 @@ STORAGES = {
 }
 
 SESSION_COOKIE_HTTPONLY = True
-SESSION_COOKIE_SECURE = envbool("DJANGO_SECURE_COOKIES", False)
-CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+# Served over HTTPS (directly or behind a proxy that sets X-Forwarded-Proto): secure cookies,
+# HSTS, redirects to HTTPS. DJANGO_SECURE_COOKIES is the older name of the same switch.
+PACS_HTTPS = envbool("PACS_HTTPS", envbool("DJANGO_SECURE_COOKIES", False))
+SESSION_COOKIE_SECURE = PACS_HTTPS
+CSRF_COOKIE_SECURE = PACS_HTTPS
+if PACS_HTTPS:
+    SECURE_SSL_REDIRECT = True
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_HSTS_SECONDS = envint("PACS_HSTS_SECONDS", 31_536_000, minimum=0)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+    SECURE_HSTS_PRELOAD = False
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
 X_FRAME_OPTIONS = "DENY"
+# Sessions end after this many minutes without a request (pacsportal.middleware.IdleTimeout).
+PACS_SESSION_IDLE_MINUTES = envint("PACS_SESSION_IDLE_MINUTES", 30, minimum=1)
+SESSION_COOKIE_AGE = PACS_SESSION_IDLE_MINUTES * 60
+
+# Failed sign-ins (django-axes): after PACS_LOGIN_FAILURE_LIMIT failures for one user name
+# from one address, that pair is locked out for PACS_LOGIN_LOCKOUT_MINUTES.
+AXES_FAILURE_LIMIT = envint("PACS_LOGIN_FAILURE_LIMIT", 5, minimum=1)
+AXES_COOLOFF_TIME = envint("PACS_LOGIN_LOCKOUT_MINUTES", 15, minimum=1) / 60  # hours
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
+AXES_VERBOSE = False
+AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "django.contrib.auth.backends.ModelBackend"]
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
@@ -169,6 +197,8 @@ PACS_DUPLICATE_POLICY = envchoice("PACS_DUPLICATE_POLICY", "keep", {"keep", "ove
 # stored. Off trades durability after a power cut for speed, like Orthanc's SyncStorageArea.
 PACS_SYNC_STORAGE = envbool("PACS_SYNC_STORAGE", True)
 # Person-name matching in queries: "insensitive" (case and accents, the default) or "exact".
+# Users also see the studies they are the referring physician of (their Last^First name).
+PACS_REFERRING_PHYSICIAN_SCOPE = envbool("PACS_REFERRING_PHYSICIAN_SCOPE", False)
 PACS_QUERY_NAME_MATCHING = envchoice("PACS_QUERY_NAME_MATCHING", "insensitive", {"insensitive", "exact"})
 # Only DICOM nodes (RemoteNode, with the right) may C-FIND, C-MOVE and C-GET.
 PACS_QR_KNOWN_NODES_ONLY = envbool("PACS_QR_KNOWN_NODES_ONLY", False)

@@ -140,3 +140,16 @@ def dcmtk(tool: str) -> str:
 def run_dcmtk(tool: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     env = dict(os.environ, TCP_NODELAY="1")
     return subprocess.run([dcmtk(tool), *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def make_user(username: str, *roles: str, password: str | None = None, **fields):
+    """A user in the given role groups (created again if a flushed database lost them)."""
+    from django.contrib.auth.models import Group, Permission, User
+
+    from archive.roles import ensure_roles
+
+    if roles and Group.objects.filter(name__in=roles).count() < len(set(roles)):
+        ensure_roles(Group, Permission)
+    user = User.objects.create_user(username, password=password, **fields)
+    user.groups.set(Group.objects.filter(name__in=roles))
+    return user

@@ -18,7 +18,8 @@ from pynetdicom.sop_class import (
 
 from archive import query
 from archive.dimse import status
-from archive.dimse.nodes import node_may
+from archive.access import node_access
+from archive.dimse.nodes import audit_dimse
 
 log = logging.getLogger("archive.dimse")
 
@@ -79,7 +80,9 @@ def answer_dataset(answer: dict[str, Any]) -> Dataset:
 def handle_find(event: events.Event) -> Iterator[tuple[int | Dataset, Dataset | None]]:
     """EVT_C_FIND: yield (pending status, answer) for each match, stopping on C-CANCEL."""
     calling = str(event.assoc.requestor.ae_title).strip()
-    if not node_may(calling, "query"):
+    node = node_access(calling)
+    if not node.may_query:
+        audit_dimse(event.assoc, "query", outcome="denied", details={"reason": "the node may not query"})
         yield _failure(status.NOT_AUTHORIZED, f"calling AE title {calling} may not query")
         return
     model = str(event.request.AffectedSOPClassUID)
@@ -88,7 +91,7 @@ def handle_find(event: events.Event) -> Iterator[tuple[int | Dataset, Dataset | 
         if level not in MODEL_LEVELS.get(model, ()):
             raise query.QueryError(f"query level {level or '(none)'} is not one of {'/'.join(MODEL_LEVELS[model])} of this model")
         limit = settings.PACS_FIND_LIMIT
-        answers = list(query.find(level, keys, limit=limit + 1))
+        answers = list(query.find(level, keys, limit=limit + 1, queryset=node.scope(query.MODELS[level])))
     except query.QueryError as exc:
         log.warning("C-FIND from %s refused: %s", calling, exc)
         yield _failure(status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc))
@@ -96,6 +99,7 @@ def handle_find(event: events.Event) -> Iterator[tuple[int | Dataset, Dataset | 
     if len(answers) > limit:
         log.warning("C-FIND from %s at %s level cut at %d answers (PACS_FIND_LIMIT)", calling, level, limit)
         answers = answers[:limit]
+    audit_dimse(event.assoc, "query", keys=keys, details={"level": level, "answers": len(answers)})
     for answer in answers:
         if event.is_cancelled:
             yield status.CANCEL, None

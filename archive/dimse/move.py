@@ -34,7 +34,8 @@ from pynetdicom.sop_class import (
 from archive import query, retrieve, storage
 from archive.dimse import status
 from archive.dimse.find import identifier_keys
-from archive.dimse.nodes import node_may
+from archive.access import node_access
+from archive.dimse.nodes import audit_dimse
 
 log = logging.getLogger("archive.dimse")
 
@@ -130,7 +131,9 @@ class _Retrieval:
     # ------------------------------------------------------------------ the request
 
     def run(self) -> None:
-        if not node_may(self.calling, "retrieve"):
+        node = node_access(self.calling)
+        if not node.may_retrieve:
+            audit_dimse(self.service.assoc, "retrieve", outcome="denied", details={"reason": "the node may not retrieve"})
             return self.refuse(status.NOT_AUTHORIZED, f"calling AE title {self.calling} may not retrieve")
         try:
             identifier = decode(
@@ -140,7 +143,7 @@ class _Retrieval:
             model = str(self.req.AffectedSOPClassUID)
             if level not in MODEL_LEVELS.get(model, ()):
                 raise query.QueryError(f"query level {level or '(none)'} is not one of {'/'.join(MODEL_LEVELS[model])}")
-            items = retrieve.instances(level, keys)
+            items = retrieve.instances(level, keys, queryset=node.scope(query.MODELS[level]))
         except query.QueryError as exc:
             return self.refuse(status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc))
         except Exception as exc:  # noqa: BLE001 - an undecodable identifier
@@ -148,6 +151,12 @@ class _Retrieval:
         if len(items) > MAX_SUBOPERATIONS:
             return self.refuse(status.UNABLE_TO_CALCULATE_MATCHES, f"{len(items)} instances match; at most 65535 per request")
         self.remaining = len(items)
+        audit_dimse(
+            self.service.assoc,
+            "retrieve",
+            keys=keys,
+            details={"service": self.kind, "level": level, "instances": len(items), "destination": str(getattr(self.req, "MoveDestination", "") or "").strip()},
+        )
         if self.is_move:
             peer = self.open_destination(items)
             if peer is None:

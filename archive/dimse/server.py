@@ -42,6 +42,8 @@ from archive.dimse import move
 from archive.dimse.find import handle_find
 from archive.dimse.move import RETRIEVE_MODELS
 from archive.dimse.store import AssociationStats, InFlight, handle_store
+from archive.access import node_access
+from archive.dimse.nodes import audit_stores
 from archive.ingest import announce_series
 
 log = logging.getLogger("archive.dimse")
@@ -241,7 +243,9 @@ class Scp:
             stats = self._stats.get(id(assoc))
             if stats is None:
                 requestor = assoc.requestor
-                stats = AssociationStats(str(requestor.ae_title).strip(), f"{requestor.address}:{requestor.port}")
+                calling = str(requestor.ae_title).strip()
+                stats = AssociationStats(calling, f"{requestor.address}:{requestor.port}")
+                stats.may_store = node_access(calling).may_store
                 self._stats[id(assoc)] = stats
             return stats
 
@@ -262,7 +266,8 @@ class Scp:
             stats.failed,
             f" ({stats.seconds / handled * 1000:.1f} ms per instance)" if handled else "",
         )
-        announce_series(self, stats.series_ids)
+        audit_stores(event.assoc, stats)
+        announce_series(self, set(stats.stored_per_series))
         if threading.current_thread() is event.assoc:
             connection.close()  # the association's thread is ending; its connection goes too
 

@@ -37,14 +37,15 @@ class AssociationStats:
     duplicates: int = 0
     failed: int = 0
     seconds: float = 0.0  # spent storing (after reception), for the closing log line
-    series_ids: set[int] = field(default_factory=set)  # series that received instances
+    may_store: bool = True  # the calling node's right (archive.access.node_access)
+    stored_per_series: dict[int, int] = field(default_factory=dict)  # series pk -> instances stored
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def count(self, outcome: Outcome, seconds: float = 0.0, series_id: int | None = None) -> None:
         with self.lock:
             self.seconds += seconds
             if series_id is not None:
-                self.series_ids.add(series_id)
+                self.stored_per_series[series_id] = self.stored_per_series.get(series_id, 0) + 1
             if outcome is Outcome.STORED:
                 self.stored += 1
             elif outcome is Outcome.DUPLICATE:
@@ -94,6 +95,12 @@ def handle_store(event: events.Event, stats_for, in_flight: InFlight) -> int | D
         stats_for(event.assoc).count(Outcome.OUT_OF_RESOURCES)
         return _failure(status.OUT_OF_RESOURCES, "the archive is shutting down; send again later")
     started = time.perf_counter()
+    stats = stats_for(event.assoc)
+    if not stats.may_store:
+        in_flight.end()
+        Path(event.dataset_path).unlink(missing_ok=True)
+        stats.count(Outcome.REJECTED)
+        return _failure(status.NOT_AUTHORIZED, f"calling AE title {stats.calling_ae} may not store")
     try:
         request = event.request
         expected = Expected(
@@ -103,7 +110,7 @@ def handle_store(event: events.Event, stats_for, in_flight: InFlight) -> int | D
         result = ingest_file(event.dataset_path, source_of(event), take=True, expected=expected)
     finally:
         in_flight.end()
-    stats_for(event.assoc).count(result.outcome, time.perf_counter() - started, result.series_id)
+    stats.count(result.outcome, time.perf_counter() - started, result.series_id)
     code = STATUS_FOR[result.outcome]
     if result.ok:
         return code

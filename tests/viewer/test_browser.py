@@ -21,7 +21,7 @@ from pydicom.uid import generate_uid
 
 from archive.ingest import Source, ingest_bytes, ingest_file
 from archive.models import Instance
-from tests.conftest import make_dataset, part10
+from tests.conftest import make_dataset, make_user, part10
 
 # Playwright's sync API runs an event loop in this thread; the ORM calls the tests make
 # between browser steps are still plain synchronous calls.
@@ -53,7 +53,7 @@ def page(browser, live_server, transactional_db, settings) -> Iterator:
     # The live server serves /static/ from the apps' folders (not collectstatic's hashed
     # copies that gunicorn and WhiteNoise serve in production): plain names here.
     settings.STORAGES = {**settings.STORAGES, "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}}
-    User.objects.create_user("alice", password=PASSWORD, first_name="Alice")
+    make_user("alice", "Radiologist", password=PASSWORD, first_name="Alice")
     context = browser.new_context(viewport={"width": 1280, "height": 800}, base_url=live_server.url)
     page = context.new_page()
     errors: list[str] = []

@@ -15,7 +15,7 @@ from pydicom.uid import generate_uid
 
 from archive.ingest import Source, ingest_bytes
 from archive.models import Instance, Study
-from tests.conftest import make_dataset, part10
+from tests.conftest import make_dataset, make_user, part10
 
 
 def store(**kwargs) -> Instance:
@@ -31,7 +31,7 @@ def store(**kwargs) -> Instance:
 @pytest.fixture
 def alice(db) -> Client:
     client = Client()
-    client.force_login(User.objects.create_user("alice", password="not-used-here"))
+    client.force_login(make_user("alice", "Radiologist"))
     return client
 
 
@@ -67,7 +67,7 @@ def test_every_page_but_login_requires_a_user(db, url: str) -> None:
 
 
 def test_it_signs_in_and_out(db) -> None:
-    User.objects.create_user("alice", password="a long passphrase 1")
+    make_user("alice", "Radiologist", password="a long passphrase 1")
     client = Client()
     assert client.get("/accounts/login/").status_code == 200
     response = client.post("/accounts/login/", {"username": "alice", "password": "wrong"})
@@ -80,7 +80,7 @@ def test_it_signs_in_and_out(db) -> None:
 
 
 def test_it_changes_the_password(db) -> None:
-    user = User.objects.create_user("alice", password="a long passphrase 1")
+    user = make_user("alice", "Radiologist", password="a long passphrase 1")
     client = Client()
     client.force_login(user)
     response = client.post(

@@ -1,0 +1,105 @@
+"""``record``: the one writer of audit events (``audit.record`` is this function).
+
+Views, viewsets and protocol handlers call it once per access: one event for a search, one
+for opening a study (not one per image the viewer loads), one per DICOM association's
+queries or retrievals. An event is written whole or not at all, chained to the one before
+(``AuditEvent.hash``). Writers are serialized: an advisory lock on PostgreSQL, SQLite's
+write lock (IMMEDIATE transactions) otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.db import connection, transaction
+from django.http import HttpRequest
+from django.utils import timezone
+
+from audit.models import AuditEvent
+
+GENESIS = "0" * 64
+_LOCK_KEY = 0x7061_6373  # "pacs": the advisory lock that orders the chain on PostgreSQL
+Action = AuditEvent.Action
+Outcome = AuditEvent.Outcome
+Channel = AuditEvent.Channel
+
+
+def record(
+    action: str,
+    *,
+    channel: str,
+    request: HttpRequest | None = None,
+    user: AbstractBaseUser | AnonymousUser | None = None,
+    actor: str = "",
+    source_address: str = "",
+    outcome: str = Outcome.SUCCESS,
+    patient_id: str = "",
+    study_instance_uid: str = "",
+    details: dict[str, Any] | None = None,
+) -> AuditEvent:
+    """Append one audit event and return it.
+
+    The actor is ``user`` (or the request's user); for DIMSE, pass ``actor`` (the calling AE
+    title) and ``source_address``. The address and user agent come from ``request`` when
+    given. Raises what the database raises: an access whose audit cannot be written fails.
+    """
+    if request is not None:
+        user = user if user is not None else getattr(request, "user", None)
+        source_address = source_address or request.META.get("REMOTE_ADDR", "")
+    known = user if user is not None and user.is_authenticated else None
+    event = AuditEvent(
+        time=timezone.now(),
+        user=known,
+        actor=(actor or (known.get_username() if known else getattr(user, "username", "") or "anonymous"))[:150],
+        role=roles_of(known) if known else "",
+        action=action,
+        channel=channel,
+        outcome=outcome,
+        patient_id=(patient_id or "")[:64],
+        study_instance_uid=(study_instance_uid or "")[:64],
+        source_address=(source_address or "")[:64],
+        user_agent=(request.META.get("HTTP_USER_AGENT", "") if request is not None else "")[:256],
+        details=details or {},
+    )
+    with transaction.atomic():
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_LOCK_KEY])
+        previous = AuditEvent.objects.order_by("-pk").values_list("hash", flat=True).first() or GENESIS
+        event.previous_hash = previous
+        event.hash = event.compute_hash(previous)
+        event.save(force_insert=True)
+    return event
+
+
+def roles_of(user: AbstractBaseUser) -> str:
+    """The user's group names (kept on the user object for the request's other events)."""
+    cached = getattr(user, "_audit_roles", None)
+    if cached is None:
+        names = sorted(user.groups.values_list("name", flat=True)) if hasattr(user, "groups") else []
+        if getattr(user, "is_superuser", False):
+            names.insert(0, "superuser")
+        cached = ",".join(names)
+        user._audit_roles = cached
+    return cached
+
+
+def verify_chain() -> tuple[int, str | None]:
+    """Walk the chain in order; return (events checked, description of the first break or None)."""
+    previous = GENESIS
+    checked = 0
+    for event in AuditEvent.objects.order_by("pk").iterator(chunk_size=2000):
+        if event.previous_hash != previous:
+            return checked, (
+                f"event #{event.pk} ({event.time:%Y-%m-%d %H:%M:%S} {event.action} by {event.actor}) does not follow "
+                "the event before it: an event was removed, inserted or changed before it"
+            )
+        if event.compute_hash(previous) != event.hash:
+            return checked, (
+                f"event #{event.pk} ({event.time:%Y-%m-%d %H:%M:%S} {event.action} by {event.actor}) "
+                "was changed after it was written: its content does not match its hash"
+            )
+        previous = event.hash
+        checked += 1
+    return checked, None

@@ -1,0 +1,28 @@
+"""Sessions that end after a period without requests (PACS_SESSION_IDLE_MINUTES)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from django.http import HttpRequest, HttpResponse
+
+_TOUCHED = "_touched"
+REFRESH_SECONDS = 60  # the session's expiry moves forward at most once a minute (one write)
+
+
+class IdleTimeout:
+    """Keep a signed-in session alive while it is used: its cookie and stored expiry move
+    forward on activity (SESSION_COOKIE_AGE from the last request, to within a minute), so an
+    idle session expires after PACS_SESSION_IDLE_MINUTES, without a database write per request."""
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        session = getattr(request, "session", None)
+        if session is not None and request.user.is_authenticated:
+            now = int(time.time())
+            if now - int(session.get(_TOUCHED, 0)) >= REFRESH_SECONDS:
+                session[_TOUCHED] = now  # marks it modified: saved with a new expiry and cookie
+        return self.get_response(request)
