@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 from collections import Counter
 from pathlib import Path
 from typing import Iterator
@@ -9,6 +10,7 @@ from typing import Iterator
 from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
+import audit
 from archive.ingest import Outcome, Source, announce_series, ingest_file
 
 
@@ -53,6 +55,12 @@ class Command(BaseCommand):
                 problems.append((path, result.outcome.value, result.reason))
         bar.close()
         announce_series(self, series_ids)
+        audit.record(
+            "store",
+            channel="system",
+            actor=f"importdicom ({getpass.getuser()})",
+            details={"files": len(files), **{k: v for k, v in counts.items() if v}},
+        )
         for path, what, reason in problems:
             self.stdout.write(f"{what}: {path}: {reason}")
         stored, duplicates = counts[Outcome.STORED.value], counts[Outcome.DUPLICATE.value]
