@@ -114,7 +114,10 @@ class AuditEvent(models.Model):
             "details": self.details,
         }
 
+    def body(self) -> str:
+        """The canonical JSON text of ``content()`` that the hash covers."""
+        return json.dumps(self.content(), sort_keys=True, separators=(",", ":"), default=str, ensure_ascii=False)
+
     def compute_hash(self, previous_hash: str) -> str:
-        """SHA-256 over the previous hash and this event's canonical content."""
-        body = json.dumps(self.content(), sort_keys=True, separators=(",", ":"), default=str, ensure_ascii=False)
-        return hashlib.sha256((previous_hash + "\n" + body).encode()).hexdigest()
+        """SHA-256 (hex) of the previous hash, a newline and this event's canonical body (UTF-8)."""
+        return hashlib.sha256((previous_hash + "\n" + self.body()).encode()).hexdigest()

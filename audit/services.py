@@ -3,12 +3,14 @@
 Views, viewsets and protocol handlers call it once per access: one event for a search, one
 for opening a study (not one per image the viewer loads), one per DICOM association's
 queries or retrievals. An event is written whole or not at all, chained to the one before
-(``AuditEvent.hash``). Writers are serialized: an advisory lock on PostgreSQL, SQLite's
+(``AuditEvent.hash``). Writers are serialized: an advisory lock on PostgreSQL (taken, with
+the read of the last hash and the insert, in one database function: one round trip), SQLite's
 write lock (IMMEDIATE transactions) otherwise.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
@@ -62,15 +64,31 @@ def record(
         user_agent=(request.META.get("HTTP_USER_AGENT", "") if request is not None else "")[:256],
         details=details or {},
     )
-    with transaction.atomic():
-        if connection.vendor == "postgresql":
-            with connection.cursor() as cursor:
-                cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_LOCK_KEY])
-        previous = AuditEvent.objects.order_by("-pk").values_list("hash", flat=True).first() or GENESIS
-        event.previous_hash = previous
-        event.hash = event.compute_hash(previous)
-        event.save(force_insert=True)
+    if connection.vendor == "postgresql":
+        _append_postgresql(event)
+    else:
+        with transaction.atomic():  # SQLite: the IMMEDIATE transaction holds the write lock
+            previous = AuditEvent.objects.order_by("-pk").values_list("hash", flat=True).first() or GENESIS
+            event.previous_hash = previous
+            event.hash = event.compute_hash(previous)
+            event.save(force_insert=True)
     return event
+
+
+def _append_postgresql(event: AuditEvent) -> None:
+    """Chain and insert in one round trip (the ``audit_append`` function, migration 0003)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT id, previous_hash, hash FROM audit_append(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s)",
+            [
+                _LOCK_KEY, event.time, event.user_id, event.actor, event.role, event.action, event.channel,
+                event.outcome, event.patient_id, event.study_instance_uid, event.source_address, event.user_agent,
+                json.dumps(event.details, default=str), event.body(),
+            ],
+        )
+        event.pk, event.previous_hash, event.hash = cursor.fetchone()
+    event._state.adding = False
+    event._state.db = connection.alias
 
 
 def roles_of(user: AbstractBaseUser) -> str:

@@ -79,12 +79,18 @@ def store_study(**kwargs) -> dict:
     return {"instance": instance, "series": instance.series, "study": instance.series.study}
 
 
-@pytest.fixture
-def world(db):
+def two_studies() -> tuple[AccessLabel, dict, dict]:
+    """A "Cardiology" label, a study carrying it (IN) and one without it (OUT)."""
     cardiology = AccessLabel.objects.create(name="Cardiology")
     inside = store_study(patient_id="P-IN", accession="IN")
     outside = store_study(patient_id="P-OUT", accession="OUT")
     inside["study"].access_labels.add(cardiology)
+    return cardiology, inside, outside
+
+
+@pytest.fixture
+def world(db):
+    cardiology, inside, outside = two_studies()
     clients: dict[str, Client] = {"anonymous": Client()}
     for role in ROLES[1:]:
         user = make_user(role.lower().replace(" ", ""), *([] if role == "no role" else [role]))
@@ -232,10 +238,7 @@ def store_one(scp, calling: str) -> int:
 
 @pytest.fixture
 def dimse_world(scp):
-    cardiology = AccessLabel.objects.create(name="Cardiology")
-    inside = store_study(patient_id="P-IN", accession="IN")
-    outside = store_study(patient_id="P-OUT", accession="OUT")
-    inside["study"].access_labels.add(cardiology)
+    cardiology, inside, outside = two_studies()
     port = free_port()  # nobody listens: a move's sub-operations fail, its authorization does not
     RemoteNode.objects.create(name="full", ae_title="FULL", host="127.0.0.1", port=port)
     RemoteNode.objects.create(name="no rights", ae_title="NORIGHTS", host="127.0.0.1", port=port,

@@ -249,3 +249,28 @@ def test_an_idle_session_expires(db, settings) -> None:
     session.set_expiry(-1)  # as if the idle time had passed
     session.save()
     assert client.get("/").status_code == 302
+
+
+def test_concurrent_writers_keep_one_unbroken_chain(transactional_db) -> None:
+    import threading
+
+    from django.db import connection as thread_connection
+
+    errors: list[BaseException] = []
+
+    def writer(n: int) -> None:
+        try:
+            for i in range(20):
+                audit.record("query", channel="system", actor=f"writer{n}", details={"i": i})
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            thread_connection.close()
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert verify_chain() == (80, None)
