@@ -26,6 +26,7 @@ from django.conf import settings
 from django.db import connection
 from django.db.models import Count, Exists, OuterRef, Q, QuerySet, Subquery, Sum
 from pydicom.datadict import tag_for_keyword
+from pydicom.dataset import Dataset
 
 from archive.dicom import is_valid_uid, normalize_name, parse_da, parse_tm
 from archive.models import Instance, Patient, Series, Study
@@ -118,6 +119,17 @@ _CONTROL_KEYS = {"QueryRetrieveLevel", "SpecificCharacterSet", "TimezoneOffsetFr
 _TEXT_VRS = {"PN", "LO", "SH", "CS", "LT", "ST", "UT", "UC", "AE"}
 
 
+def answer_dataset(answer: Mapping[str, Any]) -> Dataset:
+    """An answer of ``find`` as a pydicom Dataset (for C-FIND responses and DICOM JSON)."""
+    ds = Dataset()
+    if "SpecificCharacterSet" in answer:
+        ds.SpecificCharacterSet = answer["SpecificCharacterSet"]
+    for keyword, value in answer.items():
+        if keyword != "SpecificCharacterSet":
+            setattr(ds, keyword, value)
+    return ds
+
+
 def level_index(level: str) -> int:
     return LEVELS.index(level)
 
@@ -196,9 +208,10 @@ class QueryPlan:
         model = MODELS[self.level]
         rows = base if base is not None else model.objects.all()
         rows = rows.filter(self.filters)
-        if self.level == "PATIENT":
-            wanted = {a.keyword for a in self.returned}
-            studies = Study.objects.filter(patient=OuterRef("pk")).order_by().values("patient")
+        wanted = {a.keyword for a in self.returned}
+        if wanted & {"NumberOfPatientRelatedStudies", "NumberOfPatientRelatedSeries", "NumberOfPatientRelatedInstances"}:
+            patient = OuterRef(_PREFIX[(self.level, "PATIENT")] + "pk")
+            studies = Study.objects.filter(patient=patient).order_by().values("patient")
             if "NumberOfPatientRelatedStudies" in wanted:
                 rows = rows.annotate(
                     n_studies=Subquery(studies.annotate(n=Count("pk")).values("n")),

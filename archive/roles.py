@@ -2,7 +2,7 @@
 
 Administrator: everything. Radiologist: every study, images, download, status. Clinician and
 Technologist: the studies within their access labels, with images; Technologists also import
-and correct demographics. RIS: searching studies and changing their status, no pixel data
+and correct demographics. RIS: searching every study and changing their status, no pixel data
 (the web pages need ``view_images``; the RIS uses the API).
 """
 
@@ -17,7 +17,8 @@ ROLES: dict[str, list[str] | None] = {
     + ["archive.view_all_studies", "archive.view_images", "archive.download_study", "archive.change_study_status"],
     "Clinician": SEARCH + ["archive.view_images"],
     "Technologist": SEARCH + ["archive.view_images", "archive.import_study", "archive.correct_demographics"],
-    "RIS": SEARCH + ["archive.change_study_status"],
+    # the RIS searches every study (orders come from everywhere); it gets no pixel data
+    "RIS": SEARCH + ["archive.view_all_studies", "archive.change_study_status"],
 }
 
 

@@ -31,6 +31,7 @@ INSTALLED_APPS = [
     "rest_framework.authtoken",
     "django_q",
     "axes",
+    "corsheaders",
     "archive",
     "viewer",
     "worklist",
@@ -40,6 +41,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
+    "corsheaders.middleware.CorsMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -179,6 +181,14 @@ else:
 
 # The archive.
 PACS_STORAGE_DIR = Path(envstr("PACS_STORAGE_DIR", str(VAR_DIR / "storage"))).resolve()
+# CORS for DICOMweb and the API (a viewer such as OHIF served from another origin):
+# comma-separated origins, e.g. https://ohif.example.org; empty: same origin only.
+CORS_ALLOWED_ORIGINS = envlist("PACS_CORS_ALLOWED_ORIGINS", "")
+CORS_URLS_REGEX = r"^/(dicom-web/|api/|wado).*$"
+CORS_ALLOW_CREDENTIALS = True
+CORS_EXPOSE_HEADERS = ["Content-Type", "Content-Length", "Content-Encoding", "ETag", "Warning"]
+# The largest STOW-RS request body accepted (bytes); larger ones get 413.
+PACS_STOW_MAX_BYTES = envint("PACS_STOW_MAX_BYTES", 512 * 1024 * 1024, minimum=1024)
 # Rendered PNGs (previews, thumbnails, packed frames for the viewer); safe to delete at any time.
 PACS_RENDER_CACHE_DIR = Path(envstr("PACS_RENDER_CACHE_DIR", str(VAR_DIR / "cache" / "render"))).resolve()
 PACS_AE_TITLE = envstr("PACS_AE_TITLE", "PACSPORTAL")

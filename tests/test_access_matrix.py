@@ -35,9 +35,17 @@ PARAMETERS = {
     "study_uid": lambda objects: objects["study"].study_instance_uid,
     "series_uid": lambda objects: objects["series"].series_instance_uid,
     "sop_uid": lambda objects: objects["instance"].sop_instance_uid,
+    "study": lambda objects: objects["study"].study_instance_uid,
+    "series": lambda objects: objects["series"].series_instance_uid,
+    "instance": lambda objects: objects["instance"].sop_instance_uid,
     "frame": lambda objects: 1,
+    "frames": lambda objects: "1",
     "kind": lambda objects: "preview",
+    "tag": lambda objects: "00100010",
 }
+# DICOMweb searches answer 204 when nothing in scope matches; the rest is 404 out of scope.
+QIDO = {"studies", "series", "instances", "study-series", "study-instances", "series-instances"}
+METADATA = {"study-metadata", "series-metadata", "instance-metadata"}
 ROLES = ["anonymous", "no role", "RIS", "Clinician", "Technologist", "Radiologist", "Administrator"]
 SCOPED = {"Clinician", "Technologist"}  # see only their labels' studies
 
@@ -108,7 +116,29 @@ def _group(name: str):
     return Group.objects.get(name=name)
 
 
-def expected_status(role: str, scope: str, has_parameters: bool) -> int:
+def sees(role: str, scope: str) -> bool:
+    """Whether the role sees the study's information (search, metadata)."""
+    return role in ("RIS", "Radiologist", "Administrator") or (role in SCOPED and scope == "in")
+
+
+def sees_images(role: str, scope: str) -> bool:
+    return role != "RIS" and sees(role, scope)
+
+
+def expected_status(role: str, scope: str, has_parameters: bool, name: str) -> int:
+    if name.startswith("dicomweb:") or name == "wado-uri":
+        short = name.split(":")[-1]
+        if role == "anonymous":
+            return 401
+        if short == "wado-uri":
+            return 400  # asked without its parameters
+        if short in QIDO:
+            if not has_parameters:
+                return 200 if role in ("RIS", "Clinician", "Technologist", "Radiologist", "Administrator") else 204
+            return 200 if sees(role, scope) else 204
+        if short in METADATA:
+            return 200 if sees(role, scope) else 404
+        return 200 if sees_images(role, scope) else 404
     if role == "anonymous":
         return 302
     if role in ("no role", "RIS"):
@@ -121,6 +151,7 @@ def expected_status(role: str, scope: str, has_parameters: bool) -> int:
 def test_the_matrix_finds_the_portal_urls() -> None:
     names = {name for _, name in portal_urls()}
     assert {"viewer:study-list", "viewer:study-detail", "viewer:viewer", "viewer:frame-image"} <= names
+    assert {"dicomweb:studies", "dicomweb:frames", "dicomweb:series-metadata", "wado-uri"} <= names
 
 
 @pytest.mark.parametrize("role", ROLES)
@@ -132,7 +163,7 @@ def test_every_portal_url_for_every_role_in_and_out_of_scope(world, role: str) -
         for scope in ("in", "out") if has_parameters else ("in",):
             url = fill(route, world[scope])
             response = client.get(url)
-            expected = expected_status(role, scope, has_parameters)
+            expected = expected_status(role, scope, has_parameters, name)
             if response.status_code != expected:
                 failures.append(f"{role} {scope}-of-scope {name} {url}: {response.status_code}, expected {expected}")
             if expected == 302:

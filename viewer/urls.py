@@ -1,23 +1,11 @@
 """The portal's URLs (ARCHITECTURE.md, "URLs")."""
 
-from django.urls import path, register_converter
+from django.urls import path
+
+import pacsportal.converters  # noqa: F401 - registers the "uid" converter
 
 from viewer import views
 
-
-class UidConverter:
-    """A DICOM UID (PS3.5 9.1): digits and dots, at most 64 characters."""
-
-    regex = r"[0-9.]{1,64}"
-
-    def to_python(self, value: str) -> str:
-        return value
-
-    def to_url(self, value: str) -> str:
-        return value
-
-
-register_converter(UidConverter, "uid")
 
 app_name = "viewer"
 urlpatterns = [

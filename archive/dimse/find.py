@@ -66,13 +66,7 @@ def _text(value: Any) -> Any:
 
 def answer_dataset(answer: dict[str, Any]) -> Dataset:
     """Encode one answer as a C-FIND response identifier."""
-    ds = Dataset()
-    if "SpecificCharacterSet" in answer:
-        ds.SpecificCharacterSet = answer["SpecificCharacterSet"]
-    for keyword, value in answer.items():
-        if keyword == "SpecificCharacterSet":
-            continue
-        setattr(ds, keyword, value)
+    ds = query.answer_dataset(answer)
     ds.RetrieveAETitle = settings.PACS_AE_TITLE
     return ds
 

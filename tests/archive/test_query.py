@@ -144,6 +144,9 @@ def test_computed_return_keys(corpus) -> None:
     series = next(query.find("SERIES", {"SeriesInstanceUID": "1.2.9.2.1", "NumberOfSeriesRelatedInstances": ""}))
     assert series["NumberOfSeriesRelatedInstances"] == 2
     assert "SpecificCharacterSet" not in series
+    # the patient's counts asked for at a lower level (QIDO-RS includefield=all does this)
+    below = next(query.find("SERIES", {"SeriesInstanceUID": "1.2.9.2.1", "NumberOfPatientRelatedStudies": ""}))
+    assert below["NumberOfPatientRelatedStudies"] == 2
 
 
 def test_unindexed_keys_come_from_the_stored_header(corpus) -> None:
