@@ -266,3 +266,33 @@ class LabelRule(models.Model):
 
     def __str__(self) -> str:
         return f"{self.get_attribute_display()} matches {self.pattern!r} → {self.label}"
+
+
+class SendJob(models.Model):
+    """A study or series sent to a DICOM node by C-STORE (a django-q2 task), and how it went."""
+
+    class State(models.TextChoices):
+        QUEUED = "queued", "queued"
+        RUNNING = "running", "running"
+        DONE = "done", "done"
+        FAILED = "failed", "failed"
+
+    node = models.ForeignKey(RemoteNode, on_delete=models.CASCADE, related_name="send_jobs")
+    study = models.ForeignKey(Study, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    series = models.ForeignKey(Series, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    requested_by = models.ForeignKey(
+        "auth.User", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    state = models.CharField(max_length=16, choices=State.choices, default=State.QUEUED)
+    total = models.PositiveIntegerField(default=0)
+    sent = models.PositiveIntegerField(default=0)
+    failed = models.PositiveIntegerField(default=0)
+    error = models.TextField(blank=True)
+    created = models.DateTimeField(auto_now_add=True)
+    finished = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-pk"]
+
+    def __str__(self) -> str:
+        return f"send #{self.pk} to {self.node.ae_title}: {self.state}"

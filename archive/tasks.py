@@ -6,7 +6,7 @@ import logging
 
 from django_q.tasks import async_task
 
-from archive import render, slices
+from archive import render, retrieve, slices
 from archive.models import Instance, Series
 
 log = logging.getLogger("archive.tasks")
@@ -41,3 +41,35 @@ def queue_prerender(sender: object, series_ids: list[int], **kwargs: object) -> 
     """``series_received`` receiver: queue one pre-render task per series."""
     for series_id in series_ids:
         async_task("archive.tasks.prerender_series", series_id, group="prerender", task_name=f"prerender-{series_id}")
+
+
+def send_job(job_id: int) -> str:
+    """Run a SendJob: C-STORE its study or series to its node, keeping the counts up to date."""
+    from django.utils import timezone
+
+    from archive.dimse.send import SendError, send
+    from archive.models import SendJob
+
+    job = SendJob.objects.select_related("node").get(pk=job_id)
+    if job.series_id:
+        items = retrieve.instances("SERIES", {"SeriesInstanceUID": job.series.series_instance_uid})
+    elif job.study_id:
+        items = retrieve.instances("STUDY", {"StudyInstanceUID": job.study.study_instance_uid})
+    else:
+        items = []
+    SendJob.objects.filter(pk=job_id).update(state=SendJob.State.RUNNING, total=len(items))
+
+    def progress(sent: int, failed: int) -> None:
+        SendJob.objects.filter(pk=job_id).update(sent=sent, failed=failed)
+
+    try:
+        sent, failed = send(job.node, items, progress) if items else (0, 0)
+    except SendError as exc:
+        SendJob.objects.filter(pk=job_id).update(state=SendJob.State.FAILED, error=str(exc), finished=timezone.now())
+        return str(exc)
+    state = SendJob.State.DONE if not failed and (items or job.study_id or job.series_id) else SendJob.State.FAILED
+    error = "" if not failed else f"{failed} of {len(items)} instances were not accepted"
+    if not items:
+        state, error = SendJob.State.FAILED, "nothing to send: the study or series no longer exists"
+    SendJob.objects.filter(pk=job_id).update(state=state, sent=sent, failed=failed, error=error, finished=timezone.now())
+    return f"{sent} sent, {failed} failed"

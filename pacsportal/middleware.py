@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from django.contrib.auth.middleware import LoginRequiredMiddleware
 from django.http import HttpRequest, HttpResponse
 
 _TOUCHED = "_touched"
@@ -26,3 +27,16 @@ class IdleTimeout:
             if now - int(session.get(_TOUCHED, 0)) >= REFRESH_SECONDS:
                 session[_TOUCHED] = now  # marks it modified: saved with a new expiry and cookie
         return self.get_response(request)
+
+
+class PortalLoginRequired(LoginRequiredMiddleware):
+    """Every web page requires a signed-in user (Django's LoginRequiredMiddleware), except the
+    API and DICOMweb, which authenticate each request themselves (tokens, Basic) and answer
+    401 rather than redirect to the sign-in page."""
+
+    EXEMPT = ("/api/", "/dicom-web/", "/wado")
+
+    def process_view(self, request: HttpRequest, view_func, view_args, view_kwargs):  # noqa: ANN001, ANN201
+        if request.path_info.startswith(self.EXEMPT):
+            return None
+        return super().process_view(request, view_func, view_args, view_kwargs)

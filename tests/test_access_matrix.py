@@ -24,7 +24,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from archive.dimse import status
 from archive.ingest import Source, ingest_bytes
-from archive.models import AccessLabel, Instance, RemoteNode, Study
+from archive.models import AccessLabel, Instance, RemoteNode, SendJob, Study
 from audit.models import AuditEvent
 from tests.conftest import free_port, make_dataset, make_user, part10
 
@@ -42,7 +42,12 @@ PARAMETERS = {
     "frames": lambda objects: "1",
     "kind": lambda objects: "preview",
     "tag": lambda objects: "00100010",
+    "study_instance_uid": lambda objects: objects["study"].study_instance_uid,
+    "series_instance_uid": lambda objects: objects["series"].series_instance_uid,
+    "sop_instance_uid": lambda objects: objects["instance"].sop_instance_uid,
 }
+API_ADMIN = {"label-list", "label-detail", "node-list", "node-detail"}
+API_POST_ONLY = {"study-labels", "study-send", "series-send"}
 # DICOMweb searches answer 204 when nothing in scope matches; the rest is 404 out of scope.
 QIDO = {"studies", "series", "instances", "study-series", "study-instances", "series-instances"}
 METADATA = {"study-metadata", "series-metadata", "instance-metadata"}
@@ -65,19 +70,25 @@ def portal_urls() -> list[tuple[str, str]]:
                 found.append((route, f"{namespace}:{pattern.name}" if namespace else str(pattern.name)))
 
     walk(get_resolver().url_patterns, "", "")
-    return found
+    return [(route, name) for route, name in found if "format" not in route]  # DRF's ".json" aliases
 
 
 def fill(route: str, objects: dict) -> str:
+    """A concrete URL for a route (Django path syntax or a DRF router regex) and a study's objects."""
     import re
 
-    def value(match: re.Match) -> str:
-        name = match.group(2)
+    def value(name: str) -> str:
+        if name == "pk":  # DRF routes by primary key: which model depends on the route
+            owner = next(k for k in ("patients", "labels", "nodes", "sends") if f"{k}/" in route)
+            return str({"patients": objects["study"].patient_id, "labels": objects["label"].pk,
+                        "nodes": objects["node"].pk, "sends": objects["job"].pk}[owner])
         if name not in PARAMETERS:
             pytest.fail(f"URL {route} has a parameter {name!r} this matrix does not know: add it to PARAMETERS")
         return str(PARAMETERS[name](objects))
 
-    return "/" + re.sub(r"<(?:(\w+):)?(\w+)>", value, route)
+    url = re.sub(r"\(\?P<(\w+)>[^)]*\)", lambda m: value(m.group(1)), route)
+    url = re.sub(r"<(?:(\w+):)?(\w+)>", lambda m: value(m.group(2)), url)
+    return "/" + url.replace("^", "").replace("$", "")
 
 
 def store_study(**kwargs) -> dict:
@@ -99,6 +110,10 @@ def two_studies() -> tuple[AccessLabel, dict, dict]:
 @pytest.fixture
 def world(db):
     cardiology, inside, outside = two_studies()
+    node = RemoteNode.objects.create(name="ws", ae_title="WS", host="127.0.0.1", port=104)
+    for objects in (inside, outside):
+        objects["label"], objects["node"] = cardiology, node
+        objects["job"] = SendJob.objects.create(node=node, study=objects["study"])
     clients: dict[str, Client] = {"anonymous": Client()}
     for role in ROLES[1:]:
         user = make_user(role.lower().replace(" ", ""), *([] if role == "no role" else [role]))
@@ -126,6 +141,25 @@ def sees_images(role: str, scope: str) -> bool:
 
 
 def expected_status(role: str, scope: str, has_parameters: bool, name: str) -> int:
+    if name.startswith("api:"):
+        short = name.split(":")[-1]
+        if short in ("schema", "docs"):
+            return 200  # the schema holds no patient data
+        if role == "anonymous":
+            return 401
+        if short in API_ADMIN:
+            return 200 if role == "Administrator" else 403
+        if short in API_POST_ONLY:
+            return 405
+        if short == "send-detail":
+            return 404  # a send is seen by whoever asked for it (and staff)
+        if short.endswith("-list") or short == "api-root":
+            return 200
+        if short == "instance-file":
+            if not sees(role, scope):
+                return 404
+            return 200 if role in ("Radiologist", "Administrator") else 403
+        return 200 if sees(role, scope) else 404
     if name.startswith("dicomweb:") or name == "wado-uri":
         short = name.split(":")[-1]
         if role == "anonymous":

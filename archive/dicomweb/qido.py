@@ -31,6 +31,7 @@ DEFAULTS = {
 }
 CONTROL = {"includefield", "fuzzymatching", "limit", "offset", "orderby"}
 MAX_LIMIT = 1000
+MAX_OFFSET = 1_000_000_000
 
 
 def keyword_of(name: str) -> str:
@@ -77,6 +78,8 @@ def search(request: HttpRequest, level: str, fixed: dict[str, str]) -> HttpRespo
     keys.update(fixed)
     limit = _int(request.GET.get("limit"), MAX_LIMIT, "limit")
     offset = _int(request.GET.get("offset"), 0, "offset")
+    if offset > MAX_OFFSET:
+        raise query.QueryError(f"offset must be at most {MAX_OFFSET}")
     scope = {"STUDY": access.studies_for, "SERIES": access.series_for, "IMAGE": access.instances_for}[level]
     rows = list(query.find(level, keys, limit=min(limit, MAX_LIMIT) + offset, queryset=scope(request.user, "view")))[offset:]
     base = request.build_absolute_uri(reverse("dicomweb:studies"))

@@ -1,0 +1,65 @@
+"""Sending stored instances to a DICOM node with C-STORE (PS3.4 Annex B, the SCU role):
+the "send to node" action of the REST API, run by the task worker."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+from django.conf import settings
+from pynetdicom import AE
+from pynetdicom.presentation import build_context
+
+from archive import retrieve
+from archive.models import RemoteNode
+
+log = logging.getLogger("archive.dimse")
+
+
+class SendError(Exception):
+    """The node could not be reached or refused the association."""
+
+
+def send(
+    node: RemoteNode,
+    items: Sequence[retrieve.StoredInstance],
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[int, int]:
+    """C-STORE ``items`` to ``node`` over one association; return (sent, failed).
+
+    Each instance goes as stored when the node accepts its transfer syntax, otherwise
+    decompressed (``retrieve.load``). Raises ``SendError`` when no association is made.
+    """
+    ae = AE(ae_title=settings.PACS_AE_TITLE)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    contexts = [
+        build_context(sop_class, syntaxes)
+        for sop_class, syntaxes in retrieve.wanted_syntaxes(items).items()
+    ][:128]
+    assoc = ae.associate(node.host, node.port, contexts=contexts, ae_title=node.ae_title)
+    if not assoc.is_established:
+        raise SendError(f"{node.ae_title} at {node.host}:{node.port} did not accept an association")
+    sent = failed = 0
+    try:
+        for item in items:
+            accepted = [c.transfer_syntax[0] for c in assoc.accepted_contexts if c.abstract_syntax == item.sop_class_uid]
+            try:
+                ds = retrieve.load(item, accepted)
+                status = assoc.send_c_store(ds)
+                ok = status is not None and getattr(status, "Status", 0xC000) in (0x0000, 0xB000, 0xB007, 0xB006)
+            except (retrieve.RetrieveError, ValueError, RuntimeError) as exc:
+                log.warning("send of %s to %s failed: %s", item.sop_instance_uid, node.ae_title, exc)
+                ok = False
+            if ok:
+                sent += 1
+            else:
+                failed += 1
+            if progress:
+                progress(sent, failed)
+            if not assoc.is_established:
+                failed += len(items) - sent - failed
+                break
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return sent, failed
