@@ -44,6 +44,8 @@ bench: setup-dev
 	$(PY) bench/query.py --db both
 	$(PY) bench/move.py --db both
 	$(PY) bench/viewer.py --db both
+	$(PY) bench/audit.py --db both
+	$(PY) bench/dicomweb.py --db postgres
 
 clean:
 	rm -rf $(VENV)

@@ -25,7 +25,7 @@ from typing import Any
 from django.conf import settings
 from django.db import connection
 from django.db.models import Count, Exists, OuterRef, Q, QuerySet, Subquery, Sum
-from pydicom.datadict import tag_for_keyword
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 
 from archive.dicom import is_valid_uid, normalize_name, parse_da, parse_tm
@@ -128,6 +128,49 @@ def answer_dataset(answer: Mapping[str, Any]) -> Dataset:
         if keyword != "SpecificCharacterSet":
             setattr(ds, keyword, value)
     return ds
+
+
+_JSON_NUMBER_VRS = {"IS", "DS", "US", "SS", "UL", "SL", "FL", "FD", "UV", "SV"}
+
+
+def answer_json(answer: Mapping[str, Any]) -> dict[str, Any]:
+    """An answer of ``find`` in the DICOM JSON model (PS3.18 F.2), without building a Dataset."""
+    out: dict[str, Any] = {}
+    for keyword, value in answer.items():
+        if keyword == "QueryRetrieveLevel":
+            continue
+        tag = tag_for_keyword(keyword)
+        if tag is None:
+            continue
+        vr = dictionary_VR(tag)
+        values = value if isinstance(value, list) else ([] if value in ("", None) else [value])
+        element: dict[str, Any] = {"vr": vr}
+        if values:
+            if vr == "PN":
+                element["Value"] = [_pn_json(str(v)) for v in values]
+            elif vr in _JSON_NUMBER_VRS:
+                element["Value"] = [_number(v) for v in values]
+            else:
+                element["Value"] = [str(v) for v in values]
+        out[f"{tag:08X}"] = element
+    return dict(sorted(out.items()))
+
+
+def _pn_json(value: str) -> dict[str, str]:
+    groups = value.split("=")
+    return {name: text for name, text in zip(("Alphabetic", "Ideographic", "Phonetic"), groups) if text}
+
+
+def _number(value: Any) -> int | float | str:
+    if isinstance(value, (int, float)):
+        return value
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return str(value)
 
 
 def level_index(level: str) -> int:
@@ -511,6 +554,11 @@ def _as_text(keyword: str, value: Any) -> str:
         raise QueryError(f"{keyword} holds a {type(value).__name__}, not a text value (sequence matching is not supported)")
     if len(value) > MAX_VALUE_LENGTH:
         raise QueryError(f"{keyword} is {len(value)} characters long; at most {MAX_VALUE_LENGTH} are accepted")
+    if "\x00" in value:
+        # DICOM pads with NUL only UIDs, and a database cannot compare text holding one
+        value = value.rstrip("\x00") if keyword.endswith("UID") else value
+        if "\x00" in value:
+            raise QueryError(f"{keyword} holds a NUL character")
     return value.strip()
 
 

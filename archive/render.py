@@ -7,6 +7,8 @@ Three renditions of a frame (PS3.3 C.7.6.3 Image Pixel, C.11.1 Modality LUT, C.1
     it has none), MONOCHROME1 inverted; colour images as RGB. First paint and WADO-RS rendered.
 ``thumbnail``
     the preview scaled to fit ``THUMBNAIL_SIZE``.
+``jpeg``
+    the preview as JPEG (quality 90), for WADO-RS rendered and WADO-URI.
 ``packed``
     lossless: each stored value (its 16 bits, two's complement when signed) split over the red
     (high byte) and green (low byte) channels of an RGB PNG, so that the browser windows the
@@ -44,7 +46,9 @@ from archive.models import Instance
 log = logging.getLogger("archive.render")
 
 RENDER_VERSION = 1
-KINDS = ("preview", "packed", "thumbnail")
+PNG_KINDS = ("preview", "packed", "thumbnail")
+KINDS = (*PNG_KINDS, "jpeg")
+JPEG_QUALITY = 90
 THUMBNAIL_SIZE = 128
 PNG_COMPRESS_LEVEL = 1  # zlib level: 1 is several times faster than 6, and about as small on images
 COLOUR = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "PALETTE COLOR"}
@@ -77,7 +81,8 @@ def _cache_key(instance: Instance) -> str:
 def cache_path(instance: Instance, frame: int, kind: str) -> Path:
     """Where the rendition of ``frame`` (1-based) of ``instance`` is cached."""
     key = _cache_key(instance)
-    return Path(settings.PACS_RENDER_CACHE_DIR) / key[:2] / key[2:4] / key / f"{frame}.{kind}.png"
+    extension = "jpg" if kind == "jpeg" else "png"
+    return Path(settings.PACS_RENDER_CACHE_DIR) / key[:2] / key[2:4] / key / f"{frame}.{kind}.{extension}"
 
 
 def etag(instance: Instance, frame: int, kind: str) -> str:
@@ -154,6 +159,10 @@ def render(ds: Dataset, frame: int, kind: str) -> bytes:
     if kind == "packed":
         return encode_png(packed_pixels(ds, frame))
     image = windowed_pixels(ds, frame)
+    if kind == "jpeg":
+        out = io.BytesIO()
+        Image.fromarray(image).save(out, format="JPEG", quality=JPEG_QUALITY)
+        return out.getvalue()
     if kind == "thumbnail":
         picture = Image.fromarray(image)
         picture.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.Resampling.BILINEAR)

@@ -123,8 +123,8 @@ class Portal:
         self.manage("importdicom", "--no-progress", str(series_dir))
         self.manage(
             "shell", "-c",
-            "from django.contrib.auth.models import User; import os; "
-            f"User.objects.create_user('bench', password={self.password!r})",
+            "from django.contrib.auth.models import Group, User; "
+            f"User.objects.create_user('bench', password={self.password!r}).groups.add(Group.objects.get(name='Radiologist'))",
         )
 
     def prerender(self) -> float:

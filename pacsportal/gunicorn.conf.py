@@ -10,6 +10,9 @@ bind = f"{os.environ.get('PACS_BIND_ADDRESS', '0.0.0.0')}:{os.environ.get('PACS_
 workers = int(os.environ.get("PACS_WEB_WORKERS", "2"))
 threads = int(os.environ.get("PACS_WEB_THREADS", "4"))
 worker_class = "gthread"
+# Import the application once, before forking: workers answer their first request without
+# first importing Django, DRF, pydicom and the rest (about a second each).
+preload_app = True
 timeout = 120
 graceful_timeout = 20
 accesslog = "-"

@@ -53,7 +53,7 @@ class StudySearch:
             patient_id=params.get("patient_id", "").strip()[:64],
             accession=params.get("accession", "").strip()[:16],
             modality=params.get("modality", "").strip().upper()[:16],
-            text=params.get("q", "").strip()[:64],
+            text=params.get("q", "").replace("\x00", "").strip()[:64],
         )
         quick = params.get("range", "")
         if quick in QUICK_RANGES:

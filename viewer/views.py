@@ -188,7 +188,7 @@ def series_thumbnail(request: HttpRequest, series_uid: str) -> HttpResponse:
 
 
 def _image_response(request: HttpRequest, instance: Instance, frame: int, kind: str, cache_control: str) -> HttpResponse:
-    if kind not in renderer.KINDS or not 1 <= frame <= (instance.number_of_frames or 1):
+    if kind not in renderer.PNG_KINDS or not 1 <= frame <= (instance.number_of_frames or 1):
         raise Http404("No such frame.")
     tag = renderer.etag(instance, frame, kind)
     if request.headers.get("If-None-Match") == tag:

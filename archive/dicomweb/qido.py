@@ -99,8 +99,7 @@ def search(request: HttpRequest, level: str, fixed: dict[str, str]) -> HttpRespo
 
 
 def _json(answer: dict[str, Any], level: str, base: str) -> dict[str, Any]:
-    answer = {k: v for k, v in answer.items() if k != "QueryRetrieveLevel"}
-    data = query.answer_dataset(answer).to_json_dict()
+    data = query.answer_json(answer)
     url = f"{base}/{answer['StudyInstanceUID']}"
     if level in ("SERIES", "IMAGE"):
         url += f"/series/{answer['SeriesInstanceUID']}"

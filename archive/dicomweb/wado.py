@@ -197,7 +197,13 @@ def instance_metadata(request: HttpRequest, study: str, series: str, instance: s
 
 
 def _one_instance(request: HttpRequest, study: str, series: str, sop: str) -> Instance:
-    row = _instances(request, "images", study, series, sop).first()
+    """One instance by its UID (a unique index), checked against the path's series and study."""
+    row = (
+        access.instances_for(request.user, "images")
+        .filter(sop_instance_uid=sop, series__series_instance_uid=series, series__study__study_instance_uid=study)
+        .order_by()
+        .first()
+    )
     if row is None:
         raise Http404("No such instance.")
     return row
@@ -294,6 +300,9 @@ def _rendered(request: HttpRequest, row: Instance, frame: int, kind: str) -> Htt
                 pixels = render.window_linear(render.modality_values(ds, pixels), center, width)
             picture = Image.fromarray(pixels)
         else:
+            if media == "image/jpeg" and kind == "preview":
+                made = render.rendition(row, frame, "jpeg")
+                return FileResponse(open(made.path, "rb"), content_type="image/jpeg")
             made = render.rendition(row, frame, kind)
             if media == "image/png":
                 return FileResponse(open(made.path, "rb"), content_type="image/png")

@@ -80,6 +80,12 @@ def test_a_bad_filter_is_a_400_with_the_reason(archive) -> None:
     assert response.status_code == 400 and response.json()["query"]
 
 
+def test_a_nul_character_in_a_filter_is_a_400(archive) -> None:
+    # found by schemathesis: PostgreSQL refuses text holding NUL (a 500 before)
+    response = client_as("RIS").get("/api/patients/", {"PatientName": "a\x00b"})
+    assert response.status_code == 400 and "NUL" in response.json()["query"][0]
+
+
 @pytest.mark.parametrize("params", [{"limit": 10**21}, {"offset": 10**21}, {"limit": -5}, {"offset": "x"}])
 def test_huge_or_bad_paging_parameters_do_not_break_a_list(archive, params: dict) -> None:
     # found by schemathesis: a 22-digit limit reached SQLite as an integer it cannot hold

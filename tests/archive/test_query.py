@@ -193,3 +193,15 @@ def test_prefix_matching_is_case_sensitive_for_codes(corpus) -> None:
     # AccessionNumber (SH) matches exactly, case included, on every database (PS3.4 C.2.2.2.4)
     assert uids("STUDY", {"AccessionNumber": "a1*"}) == set()
     assert uids("STUDY", {"AccessionNumber": "A10*"}) == {"1.2.9.1", "1.2.9.2"}
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"StudyInstanceUID": "1.2.3", "PatientName": "Müller^Hans=ミュラー^ハンス", "ModalitiesInStudy": ["CT", "MR"],
+         "NumberOfStudyRelatedInstances": 3, "StudyDate": "20240115", "PatientBirthDate": "", "SpecificCharacterSet": "ISO_IR 192"},
+        {"SOPInstanceUID": "1.2.3.4", "Rows": 512, "InstanceNumber": "7", "NumberOfFrames": ""},
+    ],
+)
+def test_answers_encode_to_dicom_json_as_pydicom_does(answer: dict) -> None:
+    assert query.answer_json({"QueryRetrieveLevel": "STUDY", **answer}) == query.answer_dataset(answer).to_json_dict()

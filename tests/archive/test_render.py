@@ -231,7 +231,7 @@ def test_it_keys_the_cache_by_the_file_so_a_replaced_file_is_rendered_again() ->
 def test_it_refuses_unknown_kinds_and_frames() -> None:
     instance = stored_instance(make_dataset())
     with pytest.raises(render.RenderError):
-        render.rendition(instance, 1, "jpeg")
+        render.rendition(instance, 1, "gif")
     with pytest.raises(render.RenderError):
         render.rendition(instance, 2, "preview")
 
@@ -262,3 +262,11 @@ def test_a_finished_batch_of_stores_queues_one_prerender_task_per_series() -> No
     assert OrmQ.objects.count() == 2
     names = sorted(task.func() for task in OrmQ.objects.all() if hasattr(task, "func"))
     assert names == ["archive.tasks.prerender_series"] * 2
+
+
+@pytest.mark.django_db
+def test_the_jpeg_rendition_is_the_preview_as_jpeg() -> None:
+    instance = stored_instance(make_dataset(rows=32, columns=32))
+    made = render.rendition(instance, 1, "jpeg")
+    picture = Image.open(made.path)
+    assert picture.format == "JPEG" and picture.size == (32, 32) and made.path.suffix == ".jpg"
