@@ -20,6 +20,8 @@ An undeclared AE may query and retrieve everything unless PACS_QR_KNOWN_NODES_ON
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass
 
 from django.conf import settings
@@ -38,18 +40,52 @@ ACTIONS = {
 }
 
 
-def may(user: User, action: str) -> bool:
-    """Whether ``user``'s roles allow ``action`` at all (on the studies in their scope)."""
+PERMISSIONS_SECONDS = 30.0
+_permissions: dict[int, tuple[float, frozenset[str]]] = {}
+_permissions_lock = threading.Lock()
+
+
+def permissions_of(user: AbstractBaseUser) -> frozenset[str]:
+    """The user's permissions ("app.codename"), read at most every PERMISSIONS_SECONDS.
+
+    An image request would otherwise pay two queries for them; a change of roles takes
+    effect within half a minute in every process.
+    """
+    now = time.monotonic()
+    with _permissions_lock:
+        cached = _permissions.get(user.pk)
+    if cached and now - cached[0] < PERMISSIONS_SECONDS:
+        return cached[1]
+    found = frozenset(user.get_all_permissions()) if user.is_active else frozenset()
+    with _permissions_lock:
+        if len(_permissions) > 10_000:
+            _permissions.clear()
+        _permissions[user.pk] = (now, found)
+    return found
+
+
+def forget_permissions() -> None:
+    """Drop the cached permissions (tests, and after role changes in this process)."""
+    with _permissions_lock:
+        _permissions.clear()
+
+
+def has(user: User, permission: str) -> bool:
     if not user.is_authenticated or not user.is_active:
         return False
-    return user.has_perms(ACTIONS[action])
+    return user.is_superuser or permission in permissions_of(user)
+
+
+def may(user: User, action: str) -> bool:
+    """Whether ``user``'s roles allow ``action`` at all (on the studies in their scope)."""
+    return all(has(user, permission) for permission in ACTIONS[action])
 
 
 def studies_for(user: User, action: str = "view") -> QuerySet[Study]:
     """The studies ``user`` may ``action`` ("view", "images", "download", "change")."""
     if not may(user, action):
         return Study.objects.none()
-    if user.has_perm("archive.view_all_studies"):
+    if has(user, "archive.view_all_studies"):
         return Study.objects.all()
     return Study.objects.filter(_scope(user))
 
@@ -71,7 +107,7 @@ def series_for(user: User, action: str = "view") -> QuerySet[Series]:
     """The series of the studies ``user`` may ``action``."""
     if not may(user, action):
         return Series.objects.none()
-    if user.has_perm("archive.view_all_studies"):
+    if has(user, "archive.view_all_studies"):
         return Series.objects.all()
     return Series.objects.filter(study__in=studies_for(user, action))
 
@@ -80,7 +116,7 @@ def instances_for(user: User, action: str = "images") -> QuerySet[Instance]:
     """The instances of the studies ``user`` may ``action`` (pixel data by default)."""
     if not may(user, action):
         return Instance.objects.none()
-    if user.has_perm("archive.view_all_studies"):
+    if has(user, "archive.view_all_studies"):
         return Instance.objects.all()
     return Instance.objects.filter(series__study__in=studies_for(user, action))
 
@@ -89,7 +125,7 @@ def patients_for(user: User) -> QuerySet[Patient]:
     """The patients with at least one study ``user`` may see."""
     if not may(user, "view"):
         return Patient.objects.none()
-    if user.has_perm("archive.view_all_studies"):
+    if has(user, "archive.view_all_studies"):
         return Patient.objects.all()
     return Patient.objects.filter(Exists(studies_for(user).filter(patient=OuterRef("pk"))))
 

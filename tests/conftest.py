@@ -114,6 +114,9 @@ def storage_dir(settings, tmp_path: Path) -> Iterator[Path]:
     settings.PACS_STORAGE_DIR = path
     settings.PACS_RENDER_CACHE_DIR = tmp_path / "render"
     series_cache.clear()
+    from archive.access import forget_permissions
+
+    forget_permissions()  # user ids come back from one test to the next
     yield path
     series_cache.clear()
 

@@ -169,7 +169,9 @@ def series_slices_json(request: HttpRequest, study_uid: str, series_uid: str) ->
 def frame_image(request: HttpRequest, sop_uid: str, frame: int, kind: str) -> HttpResponse:
     """A rendition of one frame (``preview``, ``packed`` or ``thumbnail``) as PNG, from the cache."""
     _require(request, "images")
-    instance = get_object_or_404(access.instances_for(request.user).only(*renderer.RENDER_FIELDS), sop_instance_uid=sop_uid)
+    instance = get_object_or_404(
+        access.instances_for(request.user).only(*renderer.RENDER_FIELDS, "series_id"), sop_instance_uid=sop_uid
+    )
     _audit_retrieve(request, instance.series_id)
     return _image_response(request, instance, frame, kind, IMMUTABLE)
 
