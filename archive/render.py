@@ -239,12 +239,13 @@ def window_linear(values: np.ndarray, center: float, width: float) -> np.ndarray
     return out.astype(np.uint8)
 
 
-def windowed_pixels(ds: Dataset, frame: int) -> np.ndarray:
-    """The 8-bit preview of a frame: grey windowed and shown as MONOCHROME2, or RGB."""
+def windowed_pixels(ds: Dataset, frame: int, window: tuple[float, float] | None = None) -> np.ndarray:
+    """The 8-bit preview of a frame: grey windowed (with ``window`` = (center, width), else
+    the dataset's own) and shown as MONOCHROME2, or RGB."""
     pixels = decode_frame(ds, frame)
     if pixels.ndim == 3:
         return pixels
-    windows = dataset_windows(ds)
+    windows = [{"center": window[0], "width": window[1]}] if window else dataset_windows(ds)
     if pixels.dtype.kind in "iu" and "ModalityLUTSequence" not in ds:
         # Through a lookup table over the stored range: one float pass over at most 64 Ki
         # values instead of the whole frame.

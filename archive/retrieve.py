@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pydicom
@@ -65,6 +66,14 @@ def wanted_syntaxes(stored: Sequence[StoredInstance]) -> dict[str, list[str]]:
             if syntax not in wanted:
                 wanted.append(syntax)
     return syntaxes
+
+
+def outgoing(item: StoredInstance, accepted: Sequence[str]) -> Path | Dataset:
+    """What to hand to pynetdicom's ``send_c_store``: the stored file's path when the peer
+    accepts its transfer syntax (sent without decoding), else the transcoded dataset."""
+    if item.transfer_syntax_uid in accepted:
+        return storage.absolute(item.file_path)
+    return load(item, accepted)
 
 
 def load(item: StoredInstance, accepted: Sequence[str]) -> Dataset:

@@ -34,7 +34,6 @@ import datetime as dt
 import http.client
 import http.cookiejar
 import json
-import os
 import re
 import secrets
 import shutil

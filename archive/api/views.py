@@ -163,7 +163,7 @@ class StudyViewSet(mixins.RetrieveModelMixin, mixins.UpdateModelMixin, mixins.De
 
     def destroy(self, request: Request, *args, **kwargs) -> Response:
         study = self.get_object()
-        if not request.user.has_perm("archive.delete_study"):
+        if not access.has(request.user, "archive.delete_study"):
             raise PermissionDenied("Deleting studies is for administrators.")
         removed = deletion.delete_study(study)
         _audit(request, "delete", study, instances=removed)
@@ -174,7 +174,7 @@ class StudyViewSet(mixins.RetrieveModelMixin, mixins.UpdateModelMixin, mixins.De
     @action(detail=True, methods=["patch"])
     def labels(self, request: Request, study_instance_uid: str) -> Response:
         study = self.get_object()
-        if not request.user.has_perm("archive.change_study"):
+        if not access.has(request.user, "archive.change_study"):
             raise PermissionDenied("Setting access labels needs the change_study permission.")
         serializer = s.StudyLabelsSerializer(study, data=request.data)
         serializer.is_valid(raise_exception=True)
@@ -222,7 +222,7 @@ class SeriesViewSet(mixins.RetrieveModelMixin, mixins.DestroyModelMixin, Archive
 
     def destroy(self, request: Request, *args, **kwargs) -> Response:
         series = self.get_object()
-        if not request.user.has_perm("archive.delete_series"):
+        if not access.has(request.user, "archive.delete_series"):
             raise PermissionDenied("Deleting series is for administrators.")
         study = series.study
         removed = deletion.delete_series(series)
@@ -267,47 +267,49 @@ class InstanceViewSet(mixins.RetrieveModelMixin, ArchiveViewSet):
         )
 
 
-@extend_schema_view(list=extend_schema(summary="Access labels"), create=extend_schema(summary="Add an access label"))
-class AccessLabelViewSet(viewsets.ModelViewSet):
-    serializer_class = s.AccessLabelSerializer
+class AuditedModelViewSet(viewsets.ModelViewSet):
+    """Administration of a model, each change written to the audit log as ``audit_action``,
+    naming the object by its ``audit_field`` under ``audit_key`` (labels and nodes are
+    security settings)."""
+
     permission_classes = [permissions.IsAuthenticated, ModelPermissionsWithView]
-    queryset = AccessLabel.objects.prefetch_related("groups")
-    filter_backends = [OrderingFilter]
-    ordering = ["name"]
+    audit_action = ""
+    audit_field = ""
+    audit_key = ""
+
+    def _audit_change(self, value: str, change: str) -> None:
+        _audit(self.request, self.audit_action, **{self.audit_key: value, "change": change})
 
     def perform_create(self, serializer) -> None:
         serializer.save()
-        _audit(self.request, "permission-change", label=serializer.data["name"], change="added")
+        self._audit_change(serializer.data[self.audit_field], "added")
 
     def perform_update(self, serializer) -> None:
         serializer.save()
-        _audit(self.request, "permission-change", label=serializer.data["name"], change="changed")
+        self._audit_change(serializer.data[self.audit_field], "changed")
 
-    def perform_destroy(self, instance: AccessLabel) -> None:
-        _audit(self.request, "permission-change", label=instance.name, change="deleted")
+    def perform_destroy(self, instance) -> None:
+        self._audit_change(getattr(instance, self.audit_field), "deleted")
         instance.delete()
 
 
+@extend_schema_view(list=extend_schema(summary="Access labels"), create=extend_schema(summary="Add an access label"))
+class AccessLabelViewSet(AuditedModelViewSet):
+    serializer_class = s.AccessLabelSerializer
+    queryset = AccessLabel.objects.prefetch_related("groups")
+    filter_backends = [OrderingFilter]
+    ordering = ["name"]
+    audit_action, audit_field, audit_key = "permission-change", "name", "label"
+
+
 @extend_schema_view(list=extend_schema(summary="DICOM nodes"), create=extend_schema(summary="Declare a DICOM node"))
-class RemoteNodeViewSet(viewsets.ModelViewSet):
+class RemoteNodeViewSet(AuditedModelViewSet):
     serializer_class = s.RemoteNodeSerializer
-    permission_classes = [permissions.IsAuthenticated, ModelPermissionsWithView]
     queryset = RemoteNode.objects.prefetch_related("access_labels")
     filter_backends = [DjangoFilterBackend, OrderingFilter]
     filterset_fields = ["ae_title", "may_store", "may_query", "may_retrieve"]
     ordering = ["name"]
-
-    def perform_create(self, serializer) -> None:
-        serializer.save()
-        _audit(self.request, "node-change", node=serializer.data["ae_title"], change="added")
-
-    def perform_update(self, serializer) -> None:
-        serializer.save()
-        _audit(self.request, "node-change", node=serializer.data["ae_title"], change="changed")
-
-    def perform_destroy(self, instance: RemoteNode) -> None:
-        _audit(self.request, "node-change", node=instance.ae_title, change="deleted")
-        instance.delete()
+    audit_action, audit_field, audit_key = "node-change", "ae_title", "node"
 
 
 @extend_schema_view(
@@ -324,6 +326,6 @@ class SendJobViewSet(viewsets.ReadOnlyModelViewSet):
         jobs = SendJob.objects.select_related("node", "study", "series")
         if getattr(self, "swagger_fake_view", False):
             return jobs.none()
-        if self.request.user.has_perm("archive.view_all_studies") and self.request.user.is_staff:
+        if access.has(self.request.user, "archive.view_all_studies") and self.request.user.is_staff:
             return jobs
         return jobs.filter(requested_by=self.request.user)

@@ -73,12 +73,14 @@ def _basic(request: HttpRequest, credentials: str) -> Any:
 
 
 def _token(key: str) -> Any:
-    from rest_framework.authtoken.models import Token
+    from rest_framework.authentication import TokenAuthentication
+    from rest_framework.exceptions import AuthenticationFailed
 
-    token = Token.objects.select_related("user").filter(key=key).first()
-    if token is None or not token.user.is_active:
+    try:
+        user, _token = TokenAuthentication().authenticate_credentials(key)
+    except AuthenticationFailed:
         return None
-    return token.user
+    return user
 
 
 def unauthorized(message: str = "Authentication required: HTTP Basic, a token, or a signed-in session.") -> HttpResponse:

@@ -18,6 +18,7 @@ from django.urls import reverse
 from pydicom.dataset import Dataset
 
 import audit
+from archive import access
 from archive.dicomweb import multipart
 from archive.ingest import Outcome, Source, announce_series, ingest_bytes
 
@@ -32,7 +33,7 @@ STUDY_MISMATCH = 0xA900
 
 
 def store(request: HttpRequest, study_uid: str | None) -> HttpResponse:
-    if not request.user.has_perm("archive.import_study"):
+    if not access.has(request.user, "archive.import_study"):
         audit.record("store", channel="dicomweb", request=request, outcome="denied", study_instance_uid=study_uid or "")
         return JsonResponse({"error": "your account may not store instances"}, status=403)
     media, params = multipart.parameters(request.headers.get("Content-Type", ""))
@@ -62,7 +63,7 @@ def store(request: HttpRequest, study_uid: str | None) -> HttpResponse:
     referenced, failed, series_ids, studies = [], [], set(), set()
     for part in parts:
         part.body = with_preamble(part.body)
-        sop_class, sop_instance, part_study = _identity(part.body)
+        sop_class, sop_instance, part_study, part_series = _identity(part.body)
         if study_uid and part_study and part_study != study_uid:
             failed.append(_failed(sop_class, sop_instance, STUDY_MISMATCH))
             continue
@@ -71,7 +72,7 @@ def store(request: HttpRequest, study_uid: str | None) -> HttpResponse:
             item = Dataset()
             item.ReferencedSOPClassUID = sop_class
             item.ReferencedSOPInstanceUID = result.sop_instance_uid or sop_instance
-            item.RetrieveURL = f"{base}/{part_study}/series/{_series_of(part.body)}/instances/{item.ReferencedSOPInstanceUID}"
+            item.RetrieveURL = f"{base}/{part_study}/series/{part_series}/instances/{item.ReferencedSOPInstanceUID}"
             referenced.append(item)
             studies.add(part_study)
             if result.series_id:
@@ -105,20 +106,16 @@ def with_preamble(data: bytes) -> bytes:
     return data
 
 
-def _identity(data: bytes) -> tuple[str, str, str]:
-    """(SOP Class UID, SOP Instance UID, Study Instance UID) of a part, "" where unreadable."""
+IDENTITY = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+def _identity(data: bytes) -> tuple[str, str, str, str]:
+    """(SOP Class, SOP Instance, Study Instance, Series Instance UIDs) of a part, "" where unreadable."""
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True, specific_tags=[0x00080016, 0x00080018, 0x0020000D])
-        return str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", "")), str(ds.get("StudyInstanceUID", ""))
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True, specific_tags=list(IDENTITY))
     except Exception:  # noqa: BLE001 - the ingest service says why it refuses it
-        return "", "", ""
-
-
-def _series_of(data: bytes) -> str:
-    try:
-        return str(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=[0x0020000E]).SeriesInstanceUID)
-    except Exception:  # noqa: BLE001
-        return ""
+        return "", "", "", ""
+    return tuple(str(ds.get(keyword, "") or "") for keyword in IDENTITY)  # type: ignore[return-value]
 
 
 def _failed(sop_class: str, sop_instance: str, reason: int) -> Dataset:

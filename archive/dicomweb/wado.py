@@ -295,10 +295,7 @@ def _rendered(request: HttpRequest, row: Instance, frame: int, kind: str) -> Htt
             if len(pieces) > 2 and pieces[2].strip().lower() not in ("linear", "linear_exact", "sigmoid", ""):
                 raise ValueError(pieces[2])
             ds = pydicom.dcmread(storage.absolute(row.file_path))
-            pixels = render.decode_frame(ds, frame)
-            if pixels.ndim == 2:
-                pixels = render.window_linear(render.modality_values(ds, pixels), center, width)
-            picture = Image.fromarray(pixels)
+            picture = Image.fromarray(render.windowed_pixels(ds, frame, (center, width)))
         else:
             if media == "image/jpeg" and kind == "preview":
                 made = render.rendition(row, frame, "jpeg")

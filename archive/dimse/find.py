@@ -18,8 +18,7 @@ from pynetdicom.sop_class import (
 
 from archive import query
 from archive.dimse import status
-from archive.access import node_access
-from archive.dimse.nodes import audit_dimse
+from archive.dimse.nodes import audit_dimse, node_access_for
 
 log = logging.getLogger("archive.dimse")
 
@@ -74,7 +73,7 @@ def answer_dataset(answer: dict[str, Any]) -> Dataset:
 def handle_find(event: events.Event) -> Iterator[tuple[int | Dataset, Dataset | None]]:
     """EVT_C_FIND: yield (pending status, answer) for each match, stopping on C-CANCEL."""
     calling = str(event.assoc.requestor.ae_title).strip()
-    node = node_access(calling)
+    node = node_access_for(event.assoc)
     if not node.may_query:
         audit_dimse(event.assoc, "query", outcome="denied", details={"reason": "the node may not query"})
         yield _failure(status.NOT_AUTHORIZED, f"calling AE title {calling} may not query")

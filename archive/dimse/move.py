@@ -31,11 +31,10 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from archive import query, retrieve, storage
+from archive import query, retrieve
 from archive.dimse import status
 from archive.dimse.find import identifier_keys
-from archive.access import node_access
-from archive.dimse.nodes import audit_dimse
+from archive.dimse.nodes import audit_dimse, node_access_for
 
 log = logging.getLogger("archive.dimse")
 
@@ -131,7 +130,7 @@ class _Retrieval:
     # ------------------------------------------------------------------ the request
 
     def run(self) -> None:
-        node = node_access(self.calling)
+        node = node_access_for(self.service.assoc)
         if not node.may_retrieve:
             audit_dimse(self.service.assoc, "retrieve", outcome="denied", details={"reason": "the node may not retrieve"})
             return self.refuse(status.NOT_AUTHORIZED, f"calling AE title {self.calling} may not retrieve")
@@ -238,11 +237,7 @@ class _Retrieval:
         ]
         originator = {"originator_aet": self.calling, "originator_id": int(self.req.MessageID)} if self.is_move else {}
         try:
-            if item.transfer_syntax_uid in accepted:
-                payload = storage.absolute(item.file_path)
-            else:
-                payload = retrieve.load(item, accepted)
-            reply = peer.send_c_store(payload, msg_id=message_id % 65536, **originator)
+            reply = peer.send_c_store(retrieve.outgoing(item, accepted), msg_id=message_id % 65536, **originator)
             code = int(reply.Status) if "Status" in reply else None
         except (retrieve.RetrieveError, OSError, ValueError, AttributeError, RuntimeError) as exc:
             log.warning("%s sub-operation for %s failed: %s", self.kind, item.sop_instance_uid, exc)

@@ -11,8 +11,18 @@ from typing import Any
 
 from pynetdicom.association import Association
 
+from archive.access import NodeAccess, node_access
+
 log = logging.getLogger("archive.dimse")
-_ACTIONS = {"query": "query", "retrieve": "retrieve", "store": "store"}
+
+
+def node_access_for(assoc: Association) -> NodeAccess:
+    """The calling node's rights, read once per association (its requests share them)."""
+    found = getattr(assoc, "_pacs_node_access", None)
+    if found is None:
+        found = node_access(str(assoc.requestor.ae_title).strip())
+        assoc._pacs_node_access = found
+    return found
 
 
 def audit_dimse(
@@ -33,7 +43,7 @@ def audit_dimse(
     matched = {k: str(v)[:128] for k, v in keys.items() if v not in ("", None) and k != "QueryRetrieveLevel"}
     try:
         record(
-            _ACTIONS[action],
+            action,
             channel="dimse",
             actor=str(requestor.ae_title).strip() or "(no AE title)",
             source_address=f"{requestor.address}",

@@ -10,7 +10,7 @@ from django.conf import settings
 from pynetdicom import AE
 from pynetdicom.presentation import build_context
 
-from archive import retrieve, storage
+from archive import retrieve
 from archive.models import RemoteNode
 
 log = logging.getLogger("archive.dimse")
@@ -42,11 +42,9 @@ def send(
     sent = failed = 0
     try:
         for item in items:
-            accepted = [c.transfer_syntax[0] for c in assoc.accepted_contexts if c.abstract_syntax == item.sop_class_uid]
+            accepted = [str(c.transfer_syntax[0]) for c in assoc.accepted_contexts if c.abstract_syntax == item.sop_class_uid]
             try:
-                # as stored (a path: pynetdicom sends the file's bytes) when the node takes its syntax
-                payload = storage.absolute(item.file_path) if item.transfer_syntax_uid in accepted else retrieve.load(item, accepted)
-                status = assoc.send_c_store(payload)
+                status = assoc.send_c_store(retrieve.outgoing(item, accepted))
                 ok = status is not None and getattr(status, "Status", 0xC000) in (0x0000, 0xB000, 0xB007, 0xB006)
             except (retrieve.RetrieveError, OSError, ValueError, AttributeError, RuntimeError) as exc:
                 log.warning("send of %s to %s failed: %s", item.sop_instance_uid, node.ae_title, exc)

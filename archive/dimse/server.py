@@ -42,8 +42,7 @@ from archive.dimse import move
 from archive.dimse.find import handle_find
 from archive.dimse.move import RETRIEVE_MODELS
 from archive.dimse.store import AssociationStats, InFlight, handle_store
-from archive.access import node_access
-from archive.dimse.nodes import audit_stores
+from archive.dimse.nodes import audit_stores, node_access_for
 from archive.ingest import announce_series
 
 log = logging.getLogger("archive.dimse")
@@ -245,7 +244,7 @@ class Scp:
                 requestor = assoc.requestor
                 calling = str(requestor.ae_title).strip()
                 stats = AssociationStats(calling, f"{requestor.address}:{requestor.port}")
-                stats.may_store = node_access(calling).may_store
+                stats.may_store = node_access_for(assoc).may_store
                 self._stats[id(assoc)] = stats
             return stats
 

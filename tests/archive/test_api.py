@@ -16,7 +16,7 @@ from rest_framework.test import APIClient
 
 from archive import storage
 from archive.ingest import Source, ingest_bytes
-from archive.models import AccessLabel, Instance, Patient, RemoteNode, SendJob, Series, Study
+from archive.models import AccessLabel, Instance, Patient, RemoteNode, SendJob, Study
 from audit.models import AuditEvent
 from tests.conftest import dcmtk, free_port, make_dataset, make_user, part10, run_dcmtk
 

@@ -4,7 +4,6 @@ STOW-RS and WADO-URI, authentication, access scope and bad bodies."""
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import numpy as np

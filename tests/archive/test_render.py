@@ -270,3 +270,11 @@ def test_the_jpeg_rendition_is_the_preview_as_jpeg() -> None:
     made = render.rendition(instance, 1, "jpeg")
     picture = Image.open(made.path)
     assert picture.format == "JPEG" and picture.size == (32, 32) and made.path.suffix == ".jpg"
+
+
+def test_a_window_given_by_the_caller_keeps_monochrome1_inverted() -> None:
+    stored = np.array([[0, 4095]], dtype=np.int64)
+    ds = grey_dataset(stored, bits_stored=12, signed=False, photometric="MONOCHROME1")
+    assert render.windowed_pixels(ds, 1, (2048.0, 4096.0)).tolist() == [[255, 0]]
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    assert render.windowed_pixels(ds, 1, (2048.0, 4096.0)).tolist() == [[0, 255]]

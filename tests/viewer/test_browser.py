@@ -16,7 +16,6 @@ import numpy as np
 import pydicom
 import pytest
 from django.conf import settings
-from django.contrib.auth.models import User
 from pydicom.uid import generate_uid
 
 from archive.ingest import Source, ingest_bytes, ingest_file

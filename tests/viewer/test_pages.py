@@ -7,7 +7,6 @@ import io
 import random
 
 import pytest
-from django.contrib.auth.models import User
 from django.test import Client
 from django.utils import timezone
 from PIL import Image
