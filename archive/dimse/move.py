@@ -6,7 +6,7 @@ choose a transfer syntax the destination accepted, nor say why a request was ref
 count the instances of an unreachable destination as failed. ``ArchiveQueryRetrieve`` keeps
 pynetdicom's C-FIND and does C-MOVE and C-GET here: resolve the request with the retrieve
 service, open the sub-association (C-MOVE) or use the requester's (C-GET), send each file as
-stored when its transfer syntax was accepted (``STORE_SEND_CHUNKED_DATASET``: never decoded)
+stored when its transfer syntax was accepted (never decoded: ``archive.dimse.storescu``)
 or transcoded otherwise, and answer with pending, completed, failed and warning counts and
 the failed SOP instances.
 """
@@ -32,13 +32,14 @@ from pynetdicom.sop_class import (
 )
 
 from archive import query, retrieve
-from archive.dimse import status
+from archive.dimse import status, storescu
 from archive.dimse.find import identifier_keys
 from archive.dimse.nodes import audit_dimse, node_access_for
 
 log = logging.getLogger("archive.dimse")
 
-# Files whose transfer syntax the peer accepted go out as stored, read in chunks.
+# Where the fast path is not available (TLS), files whose transfer syntax the peer accepted
+# still go out as stored, read in chunks by pynetdicom.
 _config.STORE_SEND_CHUNKED_DATASET = True
 
 MODEL_LEVELS = {
@@ -202,22 +203,24 @@ class _Retrieval:
             return self.respond(status.SUCCESS)
         message_id = int(self.req.MessageID)
         last_pending = time.monotonic()
-        for index, item in enumerate(items):
-            if self.service.is_cancelled(message_id):
-                log.info("%s from %s cancelled after %d of %d", self.kind, self.calling, index, len(items))
-                return self.respond(status.CANCEL, failed_list=True)
-            if not peer.is_established:
-                self.failed += self.remaining
-                self.failed_uids += [i.sop_instance_uid for i in items[index:]]
-                self.remaining = 0
-                break
-            self.store_one(peer, item, message_id + index + 1)
-            self.remaining -= 1
-            # Pending responses are optional (PS3.4 C.4.2.3.1): one per PENDING_INTERVAL
-            # shows progress; one per instance cost a fifth of the time.
-            if self.remaining and time.monotonic() - last_pending >= PENDING_INTERVAL:
-                self.respond(status.PENDING)
-                last_pending = time.monotonic()
+        originator = {"originator_aet": self.calling, "originator_id": message_id} if self.is_move else {}
+        with storescu.Sender(peer, **originator) as sender:
+            for index, item in enumerate(items):
+                if self.service.is_cancelled(message_id):
+                    log.info("%s from %s cancelled after %d of %d", self.kind, self.calling, index, len(items))
+                    return self.respond(status.CANCEL, failed_list=True)
+                if not peer.is_established or sender.broken:
+                    self.failed += self.remaining
+                    self.failed_uids += [i.sop_instance_uid for i in items[index:]]
+                    self.remaining = 0
+                    break
+                self.count(item, sender.store(item, (message_id + index + 1) % 65536))
+                self.remaining -= 1
+                # Pending responses are optional (PS3.4 C.4.2.3.1): one per PENDING_INTERVAL
+                # shows progress; one per instance cost a fifth of the time.
+                if self.remaining and time.monotonic() - last_pending >= PENDING_INTERVAL:
+                    self.respond(status.PENDING)
+                    last_pending = time.monotonic()
         if self.failed and not (self.completed or self.warning):
             code = status.UNABLE_TO_PERFORM_SUB_OPERATIONS
         elif self.failed or self.warning:
@@ -230,18 +233,8 @@ class _Retrieval:
         )
         return self.respond(code, failed_list=bool(self.failed))
 
-    def store_one(self, peer, item: retrieve.StoredInstance, message_id: int) -> None:
-        """One C-STORE sub-operation: the file as stored, or transcoded."""
-        accepted = [
-            str(cx.transfer_syntax[0]) for cx in peer.accepted_contexts if str(cx.abstract_syntax) == item.sop_class_uid
-        ]
-        originator = {"originator_aet": self.calling, "originator_id": int(self.req.MessageID)} if self.is_move else {}
-        try:
-            reply = peer.send_c_store(retrieve.outgoing(item, accepted), msg_id=message_id % 65536, **originator)
-            code = int(reply.Status) if "Status" in reply else None
-        except (retrieve.RetrieveError, OSError, ValueError, AttributeError, RuntimeError) as exc:
-            log.warning("%s sub-operation for %s failed: %s", self.kind, item.sop_instance_uid, exc)
-            code = None
+    def count(self, item: retrieve.StoredInstance, code: int | None) -> None:
+        """Count one C-STORE sub-operation by the status it got (None: not sent)."""
         if code == status.SUCCESS:
             self.completed += 1
         elif code is not None and (code & 0xF000) == 0xB000:
@@ -252,11 +245,8 @@ class _Retrieval:
 
 
 def _no_delay(event: evt.Event) -> None:
-    """TCP_NODELAY on the sub-association's socket (without it every C-STORE waits for the
-    peer's delayed ACK, about 40 ms), and the SCP's short DUL polling."""
-    from archive.dimse.server import shorten_polling
-
-    shorten_polling(event)
+    """TCP_NODELAY on the sub-association's socket: without it every C-STORE waits for the
+    peer's delayed ACK, about 40 ms."""
     sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
     if sock is not None:
         try:

@@ -11,6 +11,7 @@ from pynetdicom import AE
 from pynetdicom.presentation import build_context
 
 from archive import retrieve
+from archive.dimse import storescu
 from archive.models import RemoteNode
 
 log = logging.getLogger("archive.dimse")
@@ -28,7 +29,7 @@ def send(
     """C-STORE ``items`` to ``node`` over one association; return (sent, failed).
 
     Each instance goes as stored when the node accepts its transfer syntax, otherwise
-    decompressed (``retrieve.load``). Raises ``SendError`` when no association is made.
+    decompressed (``storescu.Sender``). Raises ``SendError`` when no association is made.
     """
     ae = AE(ae_title=settings.PACS_AE_TITLE)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
@@ -41,23 +42,18 @@ def send(
         raise SendError(f"{node.ae_title} at {node.host}:{node.port} did not accept an association")
     sent = failed = 0
     try:
-        for item in items:
-            accepted = [str(c.transfer_syntax[0]) for c in assoc.accepted_contexts if c.abstract_syntax == item.sop_class_uid]
-            try:
-                status = assoc.send_c_store(retrieve.outgoing(item, accepted))
-                ok = status is not None and getattr(status, "Status", 0xC000) in (0x0000, 0xB000, 0xB007, 0xB006)
-            except (retrieve.RetrieveError, OSError, ValueError, AttributeError, RuntimeError) as exc:
-                log.warning("send of %s to %s failed: %s", item.sop_instance_uid, node.ae_title, exc)
-                ok = False
-            if ok:
-                sent += 1
-            else:
-                failed += 1
-            if progress:
-                progress(sent, failed)
-            if not assoc.is_established:
-                failed += len(items) - sent - failed
-                break
+        with storescu.Sender(assoc) as sender:
+            for index, item in enumerate(items):
+                code = sender.store(item, index % 65535 + 1)
+                if code in (0x0000, 0xB000, 0xB007, 0xB006):
+                    sent += 1
+                else:
+                    failed += 1
+                if progress:
+                    progress(sent, failed)
+                if not assoc.is_established or sender.broken:
+                    failed += len(items) - sent - failed
+                    break
     finally:
         if assoc.is_established:
             assoc.release()

@@ -93,20 +93,6 @@ ACCEPTED_TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, *_LOSSLESS, *_UNCOMPRESSED
 ]
 
 
-# pynetdicom's DUL thread sleeps between polls of a quiet connection (1 ms by default), and
-# every C-STORE waits for such polls (to read the request, to send the response). A shorter
-# sleep raised the receive rate of 512x512 CT slices by about a fifth (bench/ingest.py);
-# an idle association costs a little more CPU. The attribute is pynetdicom's own, unset if
-# a later release renames it.
-DUL_POLL_SECONDS = 0.0002
-
-
-def shorten_polling(event: evt.Event) -> None:
-    dul = getattr(event.assoc, "dul", None)
-    if dul is not None and hasattr(dul, "_run_loop_delay"):
-        dul._run_loop_delay = DUL_POLL_SECONDS
-
-
 class _SharedContext(PresentationContext):
     """A supported presentation context whose deep copy shares its (immutable) UIDs.
 
@@ -233,7 +219,6 @@ class Scp:
             (evt.EVT_RELEASED, self._ended, ["released"]),
             (evt.EVT_ABORTED, self._ended, ["aborted"]),
             (evt.EVT_REJECTED, self._rejected),
-            (evt.EVT_ESTABLISHED, shorten_polling),
         ]
 
     def stats_for(self, assoc: Association) -> AssociationStats:

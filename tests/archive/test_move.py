@@ -213,15 +213,15 @@ def test_dcmtk_getscu(qr, tmp_path: Path) -> None:
 
 
 def test_c_cancel_stops_a_move(qr, storescp, monkeypatch) -> None:
-    from archive.dimse import move
+    from archive.dimse import storescu
 
-    real = move._Retrieval.store_one
+    real = storescu.Sender.store
 
-    def slow(self, peer, item, message_id):
+    def slow(self, item, message_id):
         time.sleep(0.3)
-        return real(self, peer, item, message_id)
+        return real(self, item, message_id)
 
-    monkeypatch.setattr(move._Retrieval, "store_one", slow)
+    monkeypatch.setattr(storescu.Sender, "store", slow)
     storescp()
     ae = AE(ae_title="WORKSTATION")
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)

@@ -1,0 +1,439 @@
+"""The archive's DIMSE fast path: pynetdicom's associations without its polling, and bulk
+messages written straight onto the socket.
+
+pynetdicom (3.0) moves every PDU through two threads that poll: the DUL thread sleeps
+between looks at the socket and at its queue of PDUs to send, and the association thread
+sleeps 1 ms between looks at its queue of received messages. Each message then waits for
+those sleeps, and each PDU costs a round of queue hand-offs and state-machine calls. For a
+C-STORE of a 512 KB CT slice to a peer taking 16 KB PDUs that is 33 PDUs; for a C-FIND of
+500 answers, 500 messages. So:
+
+- ``PacsDUL`` waits on the socket and a wake-up socket with ``select`` instead of sleeping:
+  it reads a PDU as soon as it arrives and sends a queued one at once. Its socket I/O and
+  state-machine actions run under ``io_lock``.
+- ``PacsAssociation`` waits on its message queue instead of sleeping, so a request is
+  served as soon as its last PDU is in.
+- ``send_message`` writes a whole DIMSE message (or many) as P-DATA-TF PDUs with one
+  ``sendmsg`` call, under ``io_lock`` and behind anything already queued for the DUL.
+- ``borrowed`` lends the association's socket to the calling thread for a run of
+  request/response exchanges (C-STORE sub-operations): the DUL stops reading it, the caller
+  writes its requests and reads the responses itself, and any other PDU it meets (an
+  A-ABORT, an A-RELEASE-RQ) goes back to the DUL, which handles it as usual.
+
+Everything else (association negotiation, the state machine, release, abort, timeouts,
+every other service) stays pynetdicom's. Messages that go the fast way do not trigger
+pynetdicom's EVT_PDU_SENT, EVT_DIMSE_SENT, EVT_PDU_RECV or EVT_DIMSE_RECV notifications.
+``install()`` makes pynetdicom build its associations from these classes; it is written
+against pynetdicom 3.0 (pinned in requirements.txt) and refuses any other major version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import select
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pynetdicom
+from pynetdicom import association as pynetdicom_association
+from pynetdicom import evt
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_ABORT_RQ
+
+from archive.dimse import wire
+
+log = logging.getLogger("archive.dimse")
+
+# The longest a quiet DUL or association thread waits before looking at its timers and
+# flags again (it wakes at once for data, a queued PDU, or a stop).
+IDLE_WAIT = 0.005
+ASSOCIATION_WAIT = 0.001  # as pynetdicom's own turn: release and abort are seen this fast
+# sendmsg takes at most IOV_MAX (1024 on Linux) buffers a call.
+_MAX_BUFFERS = 1000
+
+
+class FastPathUnavailable(RuntimeError):
+    """The association was not built by ``install()``'d classes (or uses TLS)."""
+
+
+class Interrupted(OSError):
+    """The peer sent something other than the expected response (an abort, a release
+    request, bytes that are no PDU), or the connection broke; the DUL takes it from here."""
+
+
+class PacsDUL(DULServiceProvider):
+    """pynetdicom's DICOM Upper Layer provider, waiting on its socket instead of polling."""
+
+    def __init__(self, assoc: Any) -> None:
+        super().__init__(assoc)
+        self.io_lock = threading.RLock()
+        self.lent = False  # the socket is lent to another thread (``borrowed``)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+
+    def wake(self) -> None:
+        """Make the reactor look at its queues now."""
+        try:
+            self._wake_w.send(b"\x00")
+        except OSError:
+            pass  # already woken (buffer full) or closed: either way nothing to do
+
+    def send_pdu(self, primitive: Any) -> None:  # type: ignore[override]
+        super().send_pdu(primitive)
+        self.wake()
+
+    def kill_dul(self) -> None:
+        super().kill_dul()
+        self.wake()
+
+    def deliver(self, data: bytes | bytearray) -> None:
+        """Hand a PDU that a borrower read to the state machine, as if the DUL had read it."""
+        try:
+            pdu, event = self._decode_pdu(bytearray(data))
+        except Exception:  # noqa: BLE001 - whatever cannot be decoded is an invalid PDU (Evt19)
+            self.event_queue.put("Evt19")
+        else:
+            self.event_queue.put(event)
+            self._recv_pdu.put(pdu)
+        self.wake()
+
+    def run_reactor(self) -> None:
+        """The DUL loop (pynetdicom's ``run_reactor``, PS3.8 9.2), blocking in ``select``
+        while there is nothing to do instead of sleeping a fixed time."""
+        self._idle_timer.start()
+        try:
+            while not self._kill_thread:
+                if not self.assoc._dul_ready.is_set():
+                    self.assoc._dul_ready.set()
+                if self.artim_timer.expired:
+                    self.event_queue.put("Evt18")
+                with self.io_lock:
+                    try:
+                        if self._process_recv_primitive():
+                            pass
+                        elif not self.lent and self._is_transport_event():
+                            self._idle_timer.restart()
+                    except Exception as exc:  # noqa: BLE001 - as pynetdicom: abort on any failure
+                        log.error("DUL failure, aborting the association: %s", exc)
+                        self._abort_hard()
+                        return
+                    try:
+                        event = self.event_queue.get(block=False)
+                    except queue.Empty:
+                        event = None
+                    if event is not None:
+                        self.state_machine.do_action(event)
+                        continue
+                self._wait()
+        finally:
+            self._wake_r.close()
+            self._wake_w.close()
+
+    def _wait(self) -> None:
+        watched: list[Any] = [self._wake_r]
+        raw = getattr(self.socket, "socket", None)
+        if raw is not None and not self.lent and getattr(self.socket, "_is_connected", False):
+            if isinstance(raw, ssl.SSLSocket) and raw.pending():
+                return
+            if raw.fileno() >= 0:
+                watched.append(raw)
+        try:
+            ready, _, _ = select.select(watched, [], [], IDLE_WAIT)
+        except (OSError, ValueError):
+            time.sleep(self._run_loop_delay)  # the socket closed under us: the next turn sees it
+            return
+        if self._wake_r in ready:
+            try:
+                while self._wake_r.recv(4096):
+                    pass
+            except OSError:
+                pass
+
+    def _abort_hard(self) -> None:
+        abort = A_ABORT_RQ()
+        abort.source = 0x02
+        abort.reason_diagnostic = 0x00
+        try:
+            self.socket.send(abort.encode())  # type: ignore[union-attr]
+        except Exception:  # noqa: BLE001 - the connection may be gone already
+            pass
+        self.assoc.is_aborted = True
+        self.assoc.is_established = False
+        self.assoc._kill = True
+        self._kill_thread = True
+
+
+class PacsAssociation(pynetdicom_association.Association):
+    """pynetdicom's Association, whose reactor waits on its message queue instead of sleeping."""
+
+    def _run_reactor(self) -> None:
+        """The association loop (pynetdicom's ``_run_reactor``): serve each complete request
+        as soon as it is decoded; look for release, abort and timeouts between requests."""
+        self._is_paused = False
+        while not self._kill:
+            self._is_paused = True
+            self._reactor_checkpoint.wait()
+            self._is_paused = False
+            try:
+                context_id, msg = self.dimse.msg_queue.get(timeout=ASSOCIATION_WAIT)
+            except queue.Empty:
+                context_id, msg = None, None
+            if msg:
+                self._serve_request(msg, int(context_id))
+            if self.is_established and self.acse.is_release_requested():
+                self.acse.send_release(is_response=True)
+                self.is_released = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_RELEASED, {})
+                self.kill()
+                return
+            if self.acse.is_aborted():
+                self.dul.receive_pdu(wait=False)  # so that EVT_ACSE_RECV fires, as in pynetdicom
+                self.is_aborted = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_ABORTED, {})
+                self.kill()
+                return
+            if not self.dul.is_alive():
+                self.kill()
+                return
+            if self.dul.idle_timer_expired():
+                log.error("network timeout reached")
+                if self.network_timeout_response == "A-RELEASE":
+                    self._is_paused = True
+                    self._reactor_checkpoint.wait()
+                    self.release()
+                    self._is_paused = False
+                else:
+                    self.abort()
+                self.kill()
+                return
+
+
+def install() -> None:
+    """Make pynetdicom build every association (acceptor and requestor) from
+    ``PacsAssociation`` with a ``PacsDUL``."""
+    if not pynetdicom.__version__.startswith("3."):
+        raise RuntimeError(f"archive.dimse.fastpath is written for pynetdicom 3, not {pynetdicom.__version__}")
+    from pynetdicom import ae as pynetdicom_ae
+
+    pynetdicom_association.DULServiceProvider = PacsDUL  # built by Association.__init__
+    pynetdicom_ae.Association = PacsAssociation  # requestors (AE.associate)
+    pynetdicom_association.Association = PacsAssociation  # acceptors (transport imports it per request)
+
+
+def _dul(assoc: Any) -> PacsDUL:
+    dul = getattr(assoc, "dul", None)
+    raw = getattr(getattr(dul, "socket", None), "socket", None)
+    if not isinstance(dul, PacsDUL) or raw is None or isinstance(raw, ssl.SSLSocket):
+        raise FastPathUnavailable("this association has no fast path")
+    return dul
+
+
+def available(assoc: Any) -> bool:
+    """True when messages on ``assoc`` can go the fast way."""
+    try:
+        _dul(assoc)
+    except FastPathUnavailable:
+        return False
+    return True
+
+
+def peer_maximum_length(assoc: Any) -> int:
+    """The peer's Maximum Length Received (PS3.8 D.1), 0 for no limit."""
+    peer = assoc.acceptor if assoc.is_requestor else assoc.requestor
+    return int(peer.maximum_length or 0)
+
+
+def _sendmsg_all(sock: socket.socket, buffers: Sequence[Any]) -> None:
+    """Write every byte of ``buffers``, a call of ``sendmsg`` per up to 1,000 of them."""
+    pending = [memoryview(b).cast("B") for b in buffers if len(b)]
+    while pending:
+        batch = pending[:_MAX_BUFFERS]
+        sent = sock.sendmsg(batch)
+        # Drop what went out; a partly sent buffer keeps its tail.
+        index = 0
+        while index < len(batch) and sent >= batch[index].nbytes:
+            sent -= batch[index].nbytes
+            index += 1
+        if index < len(batch) and sent:
+            batch[index] = batch[index][sent:]
+        pending = batch[index:] + pending[len(batch) :]
+
+
+def _drain_outgoing(dul: PacsDUL, timeout: float) -> None:
+    """Wait until the DUL has sent every PDU queued before us (message order, PS3.8 9.3.5)."""
+    deadline = time.monotonic() + timeout
+    while not dul.to_provider_queue.empty():
+        if time.monotonic() > deadline or not dul.is_alive():
+            raise Interrupted("the association's queued PDUs were not sent")
+        time.sleep(0.0001)
+
+
+def write(assoc: Any, buffers: Sequence[Any]) -> None:
+    """Write ready-made PDUs (``wire.pdus``) onto the association, after anything queued.
+
+    The DUL keeps reading the socket meanwhile (a C-CANCEL is seen). Raises ``Interrupted``
+    when the connection fails (the DUL is told, as if it had failed to send).
+    """
+    dul = _dul(assoc)
+    _drain_outgoing(dul, timeout=float(assoc.dimse_timeout or 30))
+    with dul.io_lock:
+        try:
+            _sendmsg_all(dul.socket.socket, buffers)  # type: ignore[union-attr]
+        except OSError as exc:
+            dul.event_queue.put("Evt17")  # transport connection closed
+            dul.wake()
+            raise Interrupted(f"cannot send to the peer: {exc}") from exc
+
+
+def send_message(assoc: Any, context_id: int, command: bytes, dataset: Any | None = None) -> None:
+    """Write one DIMSE message (command set bytes, data set buffer or None) onto ``assoc``."""
+    write(assoc, wire.pdus(context_id, command, dataset, peer_maximum_length(assoc)))
+
+
+class Borrowed:
+    """An association's socket, lent to one thread for request/response exchanges."""
+
+    def __init__(self, assoc: Any, dul: PacsDUL) -> None:
+        self.assoc = assoc
+        self.dul = dul
+        self.sock: socket.socket = dul.socket.socket  # type: ignore[union-attr]
+        self.maximum_length = peer_maximum_length(assoc)
+        self.timeout = assoc.dimse_timeout
+
+    def send(self, context_id: int, command: bytes, dataset: Any | None = None) -> None:
+        buffers = wire.pdus(context_id, command, dataset, self.maximum_length)
+        with self.dul.io_lock:
+            try:
+                _sendmsg_all(self.sock, buffers)
+            except OSError as exc:
+                raise Interrupted(f"cannot send to the peer: {exc}") from exc
+
+    def _read(self, count: int) -> bytearray:
+        data = bytearray(count)
+        view = memoryview(data)
+        got = 0
+        while got < count:
+            n = self.sock.recv_into(view[got:], count - got)
+            if n == 0:
+                raise Interrupted("the peer closed the connection")
+            got += n
+        return data
+
+    def receive(self) -> tuple[int, dict[str, Any], bytes | None]:
+        """Read the peer's next DIMSE message: (context ID, command, data set bytes or None).
+
+        A C-CANCEL-RQ on the way is recorded where pynetdicom keeps them (the service's
+        ``is_cancelled`` sees it) and reading goes on. Raises ``Interrupted`` for anything
+        but P-DATA-TF (handed to the DUL), or when nothing comes within the DIMSE timeout.
+        """
+        command = bytearray()
+        dataset: bytearray | None = None
+        parsed: dict[str, Any] | None = None
+        previous = self.sock.gettimeout()
+        self.sock.settimeout(self.timeout)
+        try:
+            while True:
+                head = self._read(6)
+                pdu_type, _, length = wire.PDU_HEADER.unpack(head)
+                body = self._read(length)
+                self.dul._idle_timer.restart()
+                if pdu_type != wire.P_DATA_TF:
+                    self.dul.deliver(head + body)
+                    raise Interrupted(f"the peer sent PDU type 0x{pdu_type:02X} instead of a response")
+                for context_id, header, value in wire.iter_pdvs(body):
+                    if header & 0x01:
+                        command += value
+                        if header & 0x02:
+                            parsed = wire.parse_command(command)
+                            if parsed.get("CommandDataSetType", wire.NO_DATASET) != wire.NO_DATASET:
+                                dataset = bytearray()
+                                continue
+                    elif dataset is not None:
+                        dataset += value
+                        if not header & 0x02:
+                            continue
+                    else:
+                        raise Interrupted("the peer sent a data set fragment before its command")
+                    if parsed is None:
+                        continue
+                    if parsed.get("CommandField") == wire.C_CANCEL_RQ:
+                        self._record_cancel(parsed)
+                        command, dataset, parsed = bytearray(), None, None
+                        continue
+                    return context_id, parsed, None if dataset is None else bytes(dataset)
+        except (TimeoutError, socket.timeout) as exc:
+            raise Interrupted("no response from the peer within the DIMSE timeout") from exc
+        except wire.WireError as exc:
+            self.dul.event_queue.put("Evt19")  # invalid PDU: the state machine aborts
+            raise Interrupted(str(exc)) from exc
+        except OSError as exc:
+            if isinstance(exc, Interrupted):
+                raise
+            self.dul.event_queue.put("Evt17")
+            raise Interrupted(f"the connection failed: {exc}") from exc
+        finally:
+            try:
+                self.sock.settimeout(previous)
+            except OSError:
+                pass
+
+    def _record_cancel(self, parsed: dict[str, Any]) -> None:
+        from pynetdicom.dimse_primitives import C_CANCEL
+
+        cancels = self.assoc.dimse.cancel_req
+        if len(cancels) < 10:
+            cancel = C_CANCEL()
+            cancel.MessageIDBeingRespondedTo = parsed.get("MessageIDBeingRespondedTo")
+            cancels[int(parsed.get("MessageIDBeingRespondedTo") or 0)] = cancel
+
+
+@contextlib.contextmanager
+def borrowed(assoc: Any) -> Iterator[Borrowed]:
+    """Lend ``assoc``'s socket to this thread (see the module's docstring).
+
+    The association's reactor is paused (it would take messages meant for us), everything
+    queued for the DUL goes out first, then the DUL stops reading until the block ends.
+    Raises ``FastPathUnavailable`` for an association without the fast path.
+    """
+    dul = _dul(assoc)
+    assoc._reactor_checkpoint.clear()
+    try:
+        while not assoc._is_paused and assoc.is_established:
+            time.sleep(0.0001)
+        _drain_outgoing(dul, timeout=float(assoc.dimse_timeout or 30))
+        with dul.io_lock:
+            dul.lent = True
+        try:
+            yield Borrowed(assoc, dul)
+        finally:
+            with dul.io_lock:
+                dul.lent = False
+            dul.wake()
+    finally:
+        assoc._reactor_checkpoint.set()
+
+
+def c_store(channel: Borrowed, context_id: int, command: bytes, dataset: Any, message_id: int) -> dict[str, Any]:
+    """One C-STORE exchange on a borrowed socket: send the request, return the response's
+    command (PS3.7 9.3.1.2). Raises ``Interrupted`` when no fitting response comes."""
+    channel.send(context_id, command, dataset)
+    _, response, _ = channel.receive()
+    if response.get("CommandField") != wire.C_STORE_RSP or response.get("MessageIDBeingRespondedTo") != message_id:
+        raise Interrupted("the peer's answer is not the C-STORE response to our request")
+    return response
+
+
+def status_of(response: dict[str, Any]) -> int | None:
+    """The Status of a response command, or None."""
+    value = response.get("Status")
+    return int(value) if value is not None else None
+

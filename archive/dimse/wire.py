@@ -1,0 +1,245 @@
+"""DIMSE messages as bytes on the wire: command sets, P-DATA-TF PDUs, file offsets.
+
+Pure functions, no Django and no pynetdicom, for the fast path (``archive.dimse.fastpath``)
+that writes the archive's bulk messages (C-STORE sub-operations, C-FIND answers) straight
+onto an association's socket instead of through pynetdicom's per-PDU machinery.
+
+- A command set is always Implicit VR Little Endian, led by its group length
+  (PS3.7 6.3.1 and E.1).
+- A message goes out as P-DATA-TF PDUs (PS3.8 9.3.5), each holding one presentation data
+  value: a fragment of the command or of the data set, with its message control header
+  (PS3.8 E.2). No PDU is longer than the peer's Maximum Length (PS3.8 D.1); the command
+  set and the data set never share a PDV.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+# The command elements the fast path writes and reads (PS3.7 E.1): element number in
+# group 0000 -> (keyword, VR).
+COMMAND_ELEMENTS: dict[int, tuple[str, str]] = {
+    0x0000: ("CommandGroupLength", "UL"),
+    0x0002: ("AffectedSOPClassUID", "UI"),
+    0x0100: ("CommandField", "US"),
+    0x0110: ("MessageID", "US"),
+    0x0120: ("MessageIDBeingRespondedTo", "US"),
+    0x0600: ("MoveDestination", "AE"),
+    0x0700: ("Priority", "US"),
+    0x0800: ("CommandDataSetType", "US"),
+    0x0900: ("Status", "US"),
+    0x0901: ("OffendingElement", "AT"),
+    0x0902: ("ErrorComment", "LO"),
+    0x0903: ("ErrorID", "US"),
+    0x1000: ("AffectedSOPInstanceUID", "UI"),
+    0x1020: ("NumberOfRemainingSuboperations", "US"),
+    0x1021: ("NumberOfCompletedSuboperations", "US"),
+    0x1022: ("NumberOfFailedSuboperations", "US"),
+    0x1023: ("NumberOfWarningSuboperations", "US"),
+    0x1030: ("MoveOriginatorApplicationEntityTitle", "AE"),
+    0x1031: ("MoveOriginatorMessageID", "US"),
+}
+_ELEMENT_OF = {keyword: (element, vr) for element, (keyword, vr) in COMMAND_ELEMENTS.items()}
+
+C_STORE_RQ = 0x0001
+C_STORE_RSP = 0x8001
+C_FIND_RSP = 0x8020
+C_CANCEL_RQ = 0x0FFF
+DATASET_PRESENT = 0x0000  # CommandDataSetType: any value but 0x0101 (PS3.7 E.1)
+NO_DATASET = 0x0101
+
+PDU_HEADER = struct.Struct(">BBL")  # PDU-type, reserved, PDU-length (PS3.8 9.3.1)
+PDV_HEADER = struct.Struct(">LBB")  # item length, presentation context ID, control header
+P_DATA_TF = 0x04
+# A peer that announces no maximum (0) gets PDUs of this size: DCMTK's own cap.
+UNLIMITED_PDU = 131072
+
+
+class WireError(ValueError):
+    """Bytes that are not the DIMSE message they should be; ``str(exc)`` says why."""
+
+
+def _value(vr: str, value: Any) -> bytes:
+    if vr == "US":
+        return struct.pack("<H", int(value))
+    if vr == "UL":
+        return struct.pack("<L", int(value))
+    if vr == "AT":
+        return struct.pack("<HH", int(value) >> 16, int(value) & 0xFFFF)
+    data = str(value).encode("ascii")
+    if len(data) % 2:
+        data += b"\x00" if vr == "UI" else b" "  # PS3.5 6.2: UI pads with NUL, text with space
+    return data
+
+
+def command_set(**values: Any) -> bytes:
+    """Encode a command set from keyword=value pairs (``None`` values are left out).
+
+    Elements go in ascending tag order, led by CommandGroupLength. Raises ``KeyError``
+    for a keyword that is not a command element known here.
+    """
+    body = bytearray()
+    for keyword in sorted((k for k, v in values.items() if v is not None), key=lambda k: _ELEMENT_OF[k][0]):
+        element, vr = _ELEMENT_OF[keyword]
+        data = _value(vr, values[keyword])
+        body += struct.pack("<HHL", 0x0000, element, len(data)) + data
+    return struct.pack("<HHLL", 0x0000, 0x0000, 4, len(body)) + bytes(body)
+
+
+def c_store_rq(
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    message_id: int,
+    *,
+    priority: int = 0,
+    originator_aet: str | None = None,
+    originator_message_id: int | None = None,
+) -> bytes:
+    """The command set of a C-STORE-RQ (PS3.7 9.3.1.1)."""
+    return command_set(
+        AffectedSOPClassUID=sop_class_uid,
+        CommandField=C_STORE_RQ,
+        MessageID=message_id,
+        Priority=priority,
+        CommandDataSetType=DATASET_PRESENT,
+        AffectedSOPInstanceUID=sop_instance_uid,
+        MoveOriginatorApplicationEntityTitle=originator_aet,
+        MoveOriginatorMessageID=originator_message_id,
+    )
+
+
+def c_find_rsp(sop_class_uid: str, responding_to: int, status: int, *, identifier: bool, comment: str | None = None) -> bytes:
+    """The command set of a C-FIND-RSP (PS3.7 9.3.2.2)."""
+    return command_set(
+        AffectedSOPClassUID=sop_class_uid,
+        CommandField=C_FIND_RSP,
+        MessageIDBeingRespondedTo=responding_to,
+        CommandDataSetType=DATASET_PRESENT if identifier else NO_DATASET,
+        Status=status,
+        ErrorComment=comment,
+    )
+
+
+def parse_command(data: bytes | bytearray | memoryview) -> dict[str, Any]:
+    """Decode an Implicit VR Little Endian command set into {keyword: value}.
+
+    Elements not listed in ``COMMAND_ELEMENTS`` are skipped. Raises ``WireError`` for
+    bytes that are not a command set.
+    """
+    out: dict[str, Any] = {}
+    view = memoryview(data)
+    offset, end = 0, len(view)
+    while offset < end:
+        if end - offset < 8:
+            raise WireError("a command set element is cut short")
+        group, element, length = struct.unpack_from("<HHL", view, offset)
+        offset += 8
+        if group != 0x0000 or offset + length > end:
+            raise WireError("not a command set (group 0000, Implicit VR Little Endian)")
+        known = COMMAND_ELEMENTS.get(element)
+        if known is not None:
+            keyword, vr = known
+            raw = view[offset : offset + length]
+            if vr == "US":
+                out[keyword] = struct.unpack("<H", raw)[0] if length == 2 else None
+            elif vr == "UL":
+                out[keyword] = struct.unpack("<L", raw)[0] if length == 4 else None
+            elif vr == "AT":
+                out[keyword] = int.from_bytes(raw[:2], "little") << 16 | int.from_bytes(raw[2:4], "little")
+            else:
+                out[keyword] = bytes(raw).decode("ascii", "replace").rstrip("\x00 ")
+        offset += length
+    return out
+
+
+def fragment_size(peer_maximum_length: int) -> int:
+    """The largest PDV value a PDU may carry to a peer announcing ``peer_maximum_length``.
+
+    The Maximum Length counts the PDU's variable field (PS3.8 D.1); the PDV item's length,
+    presentation context ID and control header take 6 bytes of it.
+    """
+    maximum = peer_maximum_length or UNLIMITED_PDU
+    if maximum < 7:
+        raise WireError(f"the peer's maximum PDU length ({maximum}) cannot hold a PDV")
+    return maximum - 6
+
+
+def pdus(context_id: int, command: bytes, dataset: Any | None, peer_maximum_length: int) -> list[Any]:
+    """The buffers of one DIMSE message as P-DATA-TF PDUs, ready for ``sendmsg``.
+
+    ``dataset`` is any buffer (bytes, memoryview of an mmap); slices of it are not
+    copied. Returns alternating PDU headers (bytes) and values (buffers).
+    """
+    size = fragment_size(peer_maximum_length)
+    buffers: list[Any] = []
+    _append_fragments(buffers, context_id, memoryview(command), size, command_flag=1)
+    if dataset is not None:
+        _append_fragments(buffers, context_id, memoryview(dataset), size, command_flag=0)
+    return buffers
+
+
+def _append_fragments(buffers: list[Any], context_id: int, data: memoryview, size: int, command_flag: int) -> None:
+    total = len(data)
+    offset = 0
+    while True:
+        chunk = data[offset : offset + size]
+        offset += len(chunk)
+        last = offset >= total
+        header = command_flag | (0x02 if last else 0x00)  # PS3.8 E.2 message control header
+        buffers.append(PDU_HEADER.pack(P_DATA_TF, 0, 6 + len(chunk)) + PDV_HEADER.pack(2 + len(chunk), context_id, header))
+        buffers.append(chunk)
+        if last:
+            return
+
+
+def iter_pdvs(pdu_value: bytes | bytearray | memoryview) -> Iterable[tuple[int, int, memoryview]]:
+    """Yield (presentation context ID, control header, value) of a P-DATA-TF's variable field."""
+    view = memoryview(pdu_value)
+    offset, end = 0, len(view)
+    while offset < end:
+        if end - offset < 6:
+            raise WireError("a presentation data value item is cut short")
+        length, context_id, header = PDV_HEADER.unpack_from(view, offset)
+        if length < 2 or offset + 4 + length > end:
+            raise WireError("a presentation data value item has a wrong length")
+        yield context_id, header, view[offset + 6 : offset + 4 + length]
+        offset += 4 + length
+
+
+# VRs whose explicit-VR length field is 4 bytes after 2 reserved ones (PS3.5 7.1.2).
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+
+
+def dataset_offset(data: bytes | bytearray | memoryview | Any) -> int:
+    """Where the data set starts in a DICOM Part 10 file: after its preamble, prefix and
+    File Meta Information group (PS3.10 7.1), which is always Explicit VR Little Endian.
+
+    Raises ``WireError`` when the bytes are not a Part 10 file.
+    """
+    view = memoryview(data)
+    if len(view) < 132 or bytes(view[128:132]) != b"DICM":
+        raise WireError("not a DICOM Part 10 file (no DICM prefix)")
+    offset, end = 132, len(view)
+    while offset + 8 <= end:
+        group = struct.unpack_from("<H", view, offset)[0]
+        if group != 0x0002:
+            break
+        vr = bytes(view[offset + 4 : offset + 6])
+        if vr in _LONG_VRS:
+            if offset + 12 > end:
+                raise WireError("the file meta information is cut short")
+            length = struct.unpack_from("<L", view, offset + 8)[0]
+            offset += 12 + length
+        else:
+            length = struct.unpack_from("<H", view, offset + 6)[0]
+            offset += 8 + length
+    if offset > end:
+        raise WireError("the file meta information is cut short")
+    return offset
+
+
+def total_length(buffers: Sequence[Any]) -> int:
+    """The number of bytes in ``buffers``."""
+    return sum(len(b) if not isinstance(b, memoryview) else b.nbytes for b in buffers)
