@@ -111,9 +111,12 @@ def mapped(path: Path) -> Iterator[tuple[Any, int, str]]:
 def link_into_place(temp: Path, relative: str) -> bool:
     """Give a temporary file its final name unless one is there; False when one is."""
     final = absolute(relative)
-    final.parent.mkdir(parents=True, exist_ok=True)
     try:
-        os.link(temp, final)
+        try:
+            os.link(temp, final)
+        except FileNotFoundError:  # the first file of its directory (the common case has one)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.link(temp, final)
     except FileExistsError:
         return False
     fsync_dir(final.parent)

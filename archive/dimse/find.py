@@ -1,23 +1,33 @@
-"""C-FIND SCP (PS3.4 Annex C): decode the identifier, ask the query service, encode answers."""
+"""C-FIND SCP (PS3.4 Annex C): decode the identifier, ask the query service, encode answers.
+
+``serve`` answers on the fast path (``archive.dimse.fastpath``): identifiers encoded
+straight from the query service's answers, responses written in batches. ``handle_find``
+is the same service through pynetdicom's own C-FIND loop, for associations without it.
+"""
 
 from __future__ import annotations
 
 import logging
+import struct
+import time
 from collections.abc import Iterator
 from typing import Any
 
 from django.conf import settings
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import events
+from pynetdicom.dsutils import decode, encode
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
 )
 
 from archive import query
-from archive.dimse import status
+from archive.dimse import fastpath, status, wire
 from archive.dimse.nodes import audit_dimse, node_access_for
 
 log = logging.getLogger("archive.dimse")
@@ -70,34 +80,171 @@ def answer_dataset(answer: dict[str, Any]) -> Dataset:
     return ds
 
 
-def handle_find(event: events.Event) -> Iterator[tuple[int | Dataset, Dataset | None]]:
-    """EVT_C_FIND: yield (pending status, answer) for each match, stopping on C-CANCEL."""
-    calling = str(event.assoc.requestor.ae_title).strip()
-    node = node_access_for(event.assoc)
+def answers(assoc, sop_class_uid: str, identifier: Dataset, is_cancelled) -> Iterator[tuple[int | Dataset, dict | None]]:
+    """Yield (status, answer) for a C-FIND request: (PENDING, answer dict) per match, then
+    (CANCEL, None) if cancelled; a refusal is one (failure Dataset, None) with its comment."""
+    calling = str(assoc.requestor.ae_title).strip()
+    node = node_access_for(assoc)
     if not node.may_query:
-        audit_dimse(event.assoc, "query", outcome="denied", details={"reason": "the node may not query"})
+        audit_dimse(assoc, "query", outcome="denied", details={"reason": "the node may not query"})
         yield _failure(status.NOT_AUTHORIZED, f"calling AE title {calling} may not query")
         return
-    model = str(event.request.AffectedSOPClassUID)
     try:
-        level, keys = identifier_keys(event.identifier)
-        if level not in MODEL_LEVELS.get(model, ()):
-            raise query.QueryError(f"query level {level or '(none)'} is not one of {'/'.join(MODEL_LEVELS[model])} of this model")
+        level, keys = identifier_keys(identifier)
+        if level not in MODEL_LEVELS.get(sop_class_uid, ()):
+            raise query.QueryError(f"query level {level or '(none)'} is not one of {'/'.join(MODEL_LEVELS[sop_class_uid])} of this model")
         limit = settings.PACS_FIND_LIMIT
-        answers = list(query.find(level, keys, limit=limit + 1, queryset=node.scope(query.MODELS[level])))
+        found = list(query.find(level, keys, limit=limit + 1, queryset=node.scope(query.MODELS[level])))
     except query.QueryError as exc:
         log.warning("C-FIND from %s refused: %s", calling, exc)
         yield _failure(status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc))
         return
-    if len(answers) > limit:
+    if len(found) > limit:
         log.warning("C-FIND from %s at %s level cut at %d answers (PACS_FIND_LIMIT)", calling, level, limit)
-        answers = answers[:limit]
-    audit_dimse(event.assoc, "query", keys=keys, details={"level": level, "answers": len(answers)})
-    for answer in answers:
-        if event.is_cancelled:
+        found = found[:limit]
+    audit_dimse(assoc, "query", keys=keys, details={"level": level, "answers": len(found)})
+    for answer in found:
+        if is_cancelled():
             yield status.CANCEL, None
             return
-        yield status.PENDING, answer_dataset(answer)
+        answer["RetrieveAETitle"] = settings.PACS_AE_TITLE
+        yield status.PENDING, answer
+
+
+def handle_find(event: events.Event) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+    """EVT_C_FIND (pynetdicom's own C-FIND service, used where the fast path is not):
+    yield (pending status, answer) for each match, stopping on C-CANCEL."""
+    for code, answer in answers(
+        event.assoc, str(event.request.AffectedSOPClassUID), event.identifier, lambda: event.is_cancelled
+    ):
+        yield code, (query.answer_dataset(answer) if answer is not None else None)
+
+
+# ----------------------------------------------------------------- the fast path
+
+# Send the answers gathered so far once they reach this size or wait this long.
+FLUSH_BYTES = 64 * 1024
+FLUSH_SECONDS = 0.02
+# VRs whose text takes the SpecificCharacterSet (PS3.5 6.1.2.3); the others are ASCII.
+_CHARSET_VRS = frozenset({"LO", "LT", "PN", "SH", "ST", "UC", "UT"})
+_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI", "UR"}) | _CHARSET_VRS
+_BINARY = {"US": "<H", "SS": "<h", "UL": "<L", "SL": "<l"}
+_element_of: dict[str, tuple[int, str] | None] = {}
+
+
+def _element(keyword: str) -> tuple[int, str] | None:
+    known = _element_of.get(keyword, ...)
+    if known is ...:
+        tag = tag_for_keyword(keyword)
+        vr = dictionary_VR(tag) if tag is not None else None
+        known = (int(tag), vr) if tag is not None and vr in (_TEXT_VRS | set(_BINARY)) else None
+        _element_of[keyword] = known
+    return known  # type: ignore[return-value]
+
+
+def encode_answer(answer: dict[str, Any], *, explicit_vr: bool) -> bytes | None:
+    """Encode an answer of ``answers`` as a Little Endian identifier, the bytes pydicom
+    would write for ``query.answer_dataset(answer)``; None when it holds a value this
+    encoder leaves to pydicom (floats, sequences, VRs it does not know)."""
+    charset = answer.get("SpecificCharacterSet")
+    if charset not in (None, "", "ISO_IR 192"):
+        return None
+    encoding = "utf-8" if charset else "ascii"
+    elements: list[tuple[int, str, bytes]] = []
+    try:
+        for keyword, value in answer.items():
+            known = _element(keyword)
+            if known is None:
+                return None
+            tag, vr = known
+            values = value if isinstance(value, list) else [value]
+            if vr in _BINARY:
+                if any(type(v) is not int for v in values if v != ""):
+                    return None
+                data = b"".join(struct.pack(_BINARY[vr], v) for v in values if v != "")
+            else:
+                if not all(isinstance(v, str) or (type(v) is int and vr == "IS") for v in values):
+                    return None
+                text = "\\".join("" if v is None else str(v) for v in values)
+                data = text.encode(encoding if vr in _CHARSET_VRS else "ascii")
+                if len(data) % 2:
+                    data += b"\x00" if vr == "UI" else b" "
+            elements.append((tag, vr, data))
+    except (UnicodeEncodeError, struct.error, TypeError, ValueError):
+        return None
+    elements.sort()
+    try:
+        return wire.encode_elements(elements, explicit_vr=explicit_vr)
+    except wire.WireError:
+        return None
+
+
+def _identifier_bytes(answer: dict[str, Any], syntax) -> bytes:
+    if syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+        fast = encode_answer(answer, explicit_vr=syntax == ExplicitVRLittleEndian)
+        if fast is not None:
+            return fast
+    encoded = encode(query.answer_dataset(answer), syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
+    if encoded is None:
+        raise ValueError("an answer cannot be encoded")
+    return encoded
+
+
+def serve(service, req, context) -> None:
+    """The C-FIND SCP (PS3.4 C.4.1.2, PS3.7 9.1.2) on the fast path: the answers of
+    ``answers`` encoded straight to bytes, the pending responses' command set built once,
+    and the responses written in batches (``fastpath.write``), checking for C-CANCEL
+    before each answer."""
+    assoc = service.assoc
+    context_id = int(context.context_id)
+    syntax = context.transfer_syntax[0]
+    sop_class = str(req.AffectedSOPClassUID)
+    message_id = int(req.MessageID)
+    peer_max = fastpath.peer_maximum_length(assoc)
+    try:
+        identifier = decode(req.Identifier, syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
+    except Exception as exc:  # noqa: BLE001 - an identifier pydicom cannot decode
+        identifier = None
+        reason = f"the identifier cannot be decoded: {exc}"
+    pending_command = wire.c_find_rsp(sop_class, message_id, status.PENDING, identifier=True)
+    buffered: list[Any] = []
+    size = 0
+    started = time.monotonic()
+    final: tuple[int, str | None] = (status.SUCCESS, None)
+    try:
+        results = (
+            answers(assoc, sop_class, identifier, lambda: service.is_cancelled(message_id))
+            if identifier is not None
+            else iter([_failure(status.UNABLE_TO_PROCESS, reason)])
+        )
+        for code, answer in results:
+            if answer is None:
+                if isinstance(code, Dataset):
+                    final = (int(code.Status), str(code.get("ErrorComment", "")) or None)
+                else:
+                    final = (int(code), None)
+                break
+            data = _identifier_bytes(answer, syntax)
+            buffered += wire.pdus(context_id, pending_command, data, peer_max)
+            size += len(data) + len(pending_command)
+            if size >= FLUSH_BYTES or time.monotonic() - started >= FLUSH_SECONDS:
+                fastpath.write(assoc, buffered)
+                buffered, size, started = [], 0, time.monotonic()
+    except fastpath.Interrupted as exc:
+        log.warning("C-FIND answers to %s not sent: %s", str(assoc.requestor.ae_title).strip(), exc)
+        return
+    except Exception as exc:  # noqa: BLE001 - as pynetdicom: a failing handler is 0xC311
+        log.exception("C-FIND failed: %s", exc)
+        buffered = []
+        final = (0xC311, "the archive failed to answer")
+    code, comment = final
+    buffered += wire.pdus(
+        context_id, wire.c_find_rsp(sop_class, message_id, code, identifier=False, comment=comment), None, peer_max
+    )
+    try:
+        fastpath.write(assoc, buffered)
+    except fastpath.Interrupted as exc:
+        log.warning("C-FIND response to %s not sent: %s", str(assoc.requestor.ae_title).strip(), exc)
 
 
 def _failure(code: int, reason: str) -> tuple[Dataset, None]:

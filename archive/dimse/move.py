@@ -32,7 +32,7 @@ from pynetdicom.sop_class import (
 )
 
 from archive import query, retrieve
-from archive.dimse import status, storescu
+from archive.dimse import fastpath, find, status, storescu
 from archive.dimse.find import identifier_keys
 from archive.dimse.nodes import audit_dimse, node_access_for
 
@@ -60,7 +60,14 @@ PENDING_INTERVAL = 0.25  # seconds between two pending responses
 
 
 class ArchiveQueryRetrieve(QueryRetrieveServiceClass):
-    """pynetdicom's Query/Retrieve service with the archive's C-MOVE and C-GET."""
+    """pynetdicom's Query/Retrieve service with the archive's C-FIND (on the fast path),
+    C-MOVE and C-GET."""
+
+    def _c_find_scp(self, req, context) -> None:
+        if fastpath.available(self.assoc):
+            find.serve(self, req, context)
+        else:
+            super()._c_find_scp(req, context)
 
     def _move_scp(self, req: C_MOVE, context) -> None:
         _Retrieval(self, req, context, C_MOVE()).run()

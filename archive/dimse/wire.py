@@ -47,7 +47,7 @@ C_STORE_RQ = 0x0001
 C_STORE_RSP = 0x8001
 C_FIND_RSP = 0x8020
 C_CANCEL_RQ = 0x0FFF
-DATASET_PRESENT = 0x0000  # CommandDataSetType: any value but 0x0101 (PS3.7 E.1)
+DATASET_PRESENT = 0x0001  # CommandDataSetType: any value but 0x0101 (PS3.7 E.1); as pynetdicom
 NO_DATASET = 0x0101
 
 PDU_HEADER = struct.Struct(">BBL")  # PDU-type, reserved, PDU-length (PS3.8 9.3.1)
@@ -68,7 +68,7 @@ def _value(vr: str, value: Any) -> bytes:
         return struct.pack("<L", int(value))
     if vr == "AT":
         return struct.pack("<HH", int(value) >> 16, int(value) & 0xFFFF)
-    data = str(value).encode("ascii")
+    data = str(value).encode("ascii", "replace")
     if len(data) % 2:
         data += b"\x00" if vr == "UI" else b" "  # PS3.5 6.2: UI pads with NUL, text with space
     return data
@@ -206,6 +206,28 @@ def iter_pdvs(pdu_value: bytes | bytearray | memoryview) -> Iterable[tuple[int, 
             raise WireError("a presentation data value item has a wrong length")
         yield context_id, header, view[offset + 6 : offset + 4 + length]
         offset += 4 + length
+
+
+def encode_elements(elements: Iterable[tuple[int, str, bytes]], *, explicit_vr: bool) -> bytes:
+    """Encode (tag, VR, value bytes) elements, already in tag order and padded to an even
+    length, as a Little Endian data set (PS3.5 7.1.2 explicit, 7.1.3 implicit VR).
+
+    Raises ``WireError`` for a value too long for its VR's length field.
+    """
+    out = bytearray()
+    for tag, vr, value in elements:
+        if explicit_vr:
+            code = vr.encode("ascii")
+            if code in _LONG_VRS:
+                out += struct.pack("<HH2sHL", tag >> 16, tag & 0xFFFF, code, 0, len(value))
+            else:
+                if len(value) > 0xFFFF:
+                    raise WireError(f"a {vr} value of {len(value)} bytes does not fit its length field")
+                out += struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, code, len(value))
+        else:
+            out += struct.pack("<HHL", tag >> 16, tag & 0xFFFF, len(value))
+        out += value
+    return bytes(out)
 
 
 # VRs whose explicit-VR length field is 4 bytes after 2 reserved ones (PS3.5 7.1.2).

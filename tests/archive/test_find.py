@@ -121,13 +121,13 @@ def test_a_limit_cuts_the_answers_and_says_so(qr, settings, caplog) -> None:
 
 
 def test_c_cancel_stops_the_answers(qr, monkeypatch) -> None:
-    real = find_module.answer_dataset
+    real = find_module.encode_answer
 
-    def slow(answer):
+    def slow(answer, **options):
         time.sleep(0.3)
-        return real(answer)
+        return real(answer, **options)
 
-    monkeypatch.setattr(find_module, "answer_dataset", slow)
+    monkeypatch.setattr(find_module, "encode_answer", slow)
     ae = AE(ae_title="WORKSTATION")
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
     assoc = ae.associate("127.0.0.1", qr.port, ae_title="PACSPORTAL")

@@ -1,0 +1,181 @@
+"""The DIMSE fast path's bytes: command sets, PDUs, Part 10 offsets and C-FIND identifiers
+checked against what pydicom and pynetdicom make of the same thing."""
+
+from __future__ import annotations
+
+import io
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pynetdicom.dimse_messages import C_FIND_RSP, C_STORE_RQ
+from pynetdicom.dimse_primitives import C_FIND, C_STORE
+from pynetdicom.dsutils import decode, encode
+from pynetdicom.pdu import P_DATA_TF
+
+from archive import query
+from archive.dimse import find, wire
+
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+
+
+def pynetdicom_command(primitive, message_class) -> bytes:
+    message = message_class()
+    message.primitive_to_message(primitive)
+    return encode(message.command_set, True, True)
+
+
+@pytest.mark.parametrize(
+    "originator",
+    [{}, {"originator_aet": "WORKSTATION1", "originator_message_id": 7}, {"originator_aet": "ODD", "originator_message_id": 65535}],
+)
+def test_it_encodes_a_c_store_request_as_pynetdicom_does(originator) -> None:
+    primitive = C_STORE()
+    primitive.MessageID = 513
+    primitive.AffectedSOPClassUID = CTImageStorage
+    primitive.AffectedSOPInstanceUID = "1.2.3.45"  # odd length: padded with NUL
+    primitive.Priority = 0
+    primitive.MoveOriginatorApplicationEntityTitle = originator.get("originator_aet")
+    primitive.MoveOriginatorMessageID = originator.get("originator_message_id")
+    primitive.DataSet = io.BytesIO(b"\x00\x00")
+    ours = wire.c_store_rq(CTImageStorage, "1.2.3.45", 513, **originator)
+    assert ours == pynetdicom_command(primitive, C_STORE_RQ)
+    parsed = wire.parse_command(ours)
+    assert parsed["MessageID"] == 513 and parsed["AffectedSOPInstanceUID"] == "1.2.3.45"
+    assert parsed.get("MoveOriginatorApplicationEntityTitle") == originator.get("originator_aet")
+
+
+@pytest.mark.parametrize("code, comment", [(0xFF00, None), (0x0000, None), (0xA900, "query level X is not one")])
+def test_it_encodes_a_c_find_response_as_pynetdicom_does(code, comment) -> None:
+    primitive = C_FIND()
+    primitive.MessageIDBeingRespondedTo = 9
+    primitive.AffectedSOPClassUID = STUDY_ROOT_FIND
+    primitive.Status = code
+    if comment:
+        primitive.ErrorComment = comment
+    if code == 0xFF00:
+        primitive.Identifier = io.BytesIO(b"\x00\x00")
+    ours = wire.c_find_rsp(STUDY_ROOT_FIND, 9, code, identifier=code == 0xFF00, comment=comment)
+    assert ours == pynetdicom_command(primitive, C_FIND_RSP)
+    assert wire.parse_command(ours)["Status"] == code
+
+
+def test_it_refuses_bytes_that_are_no_command_set() -> None:
+    with pytest.raises(wire.WireError):
+        wire.parse_command(b"\x08\x00\x05\x00\x0a\x00\x00\x00ISO_IR 100")
+    with pytest.raises(wire.WireError):
+        wire.parse_command(wire.c_store_rq(CTImageStorage, "1.2.3", 1)[:-3])
+
+
+@pytest.mark.parametrize("maximum", [16384, 100, 0])
+def test_pdus_respect_the_peer_maximum_and_pynetdicom_reads_them(maximum) -> None:
+    command = wire.c_store_rq(CTImageStorage, "1.2.3.4", 1)
+    dataset = bytes(range(256)) * 1000
+    buffers = wire.pdus(3, command, dataset, maximum)
+    pdus = [buffers[i] + bytes(buffers[i + 1]) for i in range(0, len(buffers), 2)]
+    limit = maximum or wire.UNLIMITED_PDU
+    assert all(len(pdu) - 6 <= limit for pdu in pdus)
+    command_part, data_part, flags = b"", b"", []
+    for raw in pdus:
+        pdu = P_DATA_TF()
+        pdu.decode(raw)
+        for context_id, value in pdu.to_primitive().presentation_data_value_list:
+            assert context_id == 3
+            flags.append(value[0])
+            if value[0] & 1:
+                command_part += value[1:]
+            else:
+                data_part += value[1:]
+    assert command_part == command and data_part == dataset
+    # The last fragment of each part, and only it, says so (PS3.8 E.2).
+    assert [f for f in flags if f & 1] [-1] == 0x03 and flags.count(0x03) == 1 and flags.count(0x02) == 1
+    assert flags[-1] == 0x02
+    assert [(c, h, bytes(v)) for raw in pdus for c, h, v in wire.iter_pdvs(raw[6:])][0][:2] == (3, flags[0])
+
+
+def test_the_data_set_starts_after_the_file_meta(tmp_path) -> None:
+    ds = Dataset()
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.PatientName = "Doe^Jane"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationVersionName = "ODD_LENGTH"  # an OB-free, short-VR element
+    path = tmp_path / "x.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    data = path.read_bytes()
+    offset = wire.dataset_offset(data)
+    assert decode(io.BytesIO(data[offset:]), False, True).PatientName == "Doe^Jane"
+    with pytest.raises(wire.WireError):
+        wire.dataset_offset(b"\x00" * 200)
+    with pytest.raises(wire.WireError):
+        wire.dataset_offset(data[:140])
+
+
+ANSWERS = [
+    {
+        "QueryRetrieveLevel": "STUDY",
+        "StudyInstanceUID": "1.2.9.1",
+        "PatientName": "Doe^Jane",
+        "PatientID": "P1",
+        "StudyDate": "20240131",
+        "StudyTime": "",
+        "ModalitiesInStudy": ["CT", "MR"],
+        "NumberOfStudyRelatedInstances": 12,
+        "NumberOfStudyRelatedSeries": 3,
+        "RetrieveAETitle": "PACSPORTAL",
+    },
+    {
+        "QueryRetrieveLevel": "PATIENT",
+        "PatientName": "Müller^Jürgen",
+        "PatientID": "P2",
+        "PatientBirthDate": "",
+        "SpecificCharacterSet": "ISO_IR 192",
+        "NumberOfPatientRelatedStudies": 1,
+    },
+    {
+        "QueryRetrieveLevel": "IMAGE",
+        "SOPInstanceUID": "1.2.9.1.1.1",
+        "SOPClassUID": CTImageStorage,
+        "InstanceNumber": 7,
+        "Rows": 512,
+        "Columns": [512],
+        "PatientName": "山田^太郎=やまだ^たろう",
+        "SpecificCharacterSet": "ISO_IR 192",
+    },
+]
+
+
+@pytest.mark.parametrize("answer", ANSWERS)
+@pytest.mark.parametrize("explicit", [True, False])
+def test_answers_encode_to_the_bytes_pydicom_writes(answer, explicit) -> None:
+    ours = find.encode_answer(dict(answer), explicit_vr=explicit)
+    assert ours is not None
+    assert ours == encode(query.answer_dataset(answer), not explicit, True)
+    back = decode(io.BytesIO(ours), not explicit, True)
+    assert str(back.PatientName) == answer["PatientName"] if "PatientName" in answer else True
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"QueryRetrieveLevel": "IMAGE", "SliceLocation": 1.5},  # a float: pydicom formats DS
+        {"QueryRetrieveLevel": "STUDY", "PatientName": "Müller", "SpecificCharacterSet": "ISO_IR 100"},
+        {"QueryRetrieveLevel": "STUDY", "PatientName": "Müller"},  # not ASCII and no character set
+        {"QueryRetrieveLevel": "STUDY", "NoSuchKeyword": "x"},
+    ],
+)
+def test_answers_it_cannot_encode_are_left_to_pydicom(answer) -> None:
+    assert find.encode_answer(answer, explicit_vr=True) is None
+
+
+def test_a_part10_file_from_pydicom_round_trips_through_the_offset() -> None:
+    path = pydicom.data.get_testdata_file("CT_small.dcm")
+    with open(path, "rb") as handle:
+        data = handle.read()
+    offset = wire.dataset_offset(data)
+    original = pydicom.dcmread(path)
+    assert decode(io.BytesIO(data[offset:]), False, True).SOPInstanceUID == original.SOPInstanceUID
