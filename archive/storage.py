@@ -92,14 +92,13 @@ def copy_to_temp(source: BinaryIO) -> Path:
 
 @contextlib.contextmanager
 def mapped(path: Path) -> Iterator[tuple[Any, int, str]]:
-    """Flush a file to disk and map it read-only: yield (a seekable view, size, SHA-256).
+    """Map a file read-only: yield (a seekable view, size, SHA-256).
 
     One mapping serves the digest and the header parse, so a file is read once. (Hashing
     on another thread while parsing was measured slower: the GIL hand-offs cost more.)
+    The file is flushed to disk when it is put in place (``link_into_place``, ``publish``).
     """
     with open(path, "rb") as handle:
-        if settings.PACS_SYNC_STORAGE:
-            os.fdatasync(handle.fileno())  # its data is on disk before it is linked into place
         size = os.fstat(handle.fileno()).st_size
         if size == 0:
             yield io.BytesIO(b""), 0, hashlib.sha256(b"").hexdigest()
@@ -108,8 +107,26 @@ def mapped(path: Path) -> Iterator[tuple[Any, int, str]]:
             yield view, size, hashlib.sha256(view).hexdigest()
 
 
+def flush_file(path: Path) -> None:
+    """Flush a file's data to disk (``fdatasync``), when PACS_SYNC_STORAGE is on."""
+    if not settings.PACS_SYNC_STORAGE:
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
 def link_into_place(temp: Path, relative: str) -> bool:
-    """Give a temporary file its final name unless one is there; False when one is."""
+    """Give a temporary file its final name unless one is there; False when one is.
+
+    The new name, the file's data and the directory entry are on disk when this returns.
+    The data is flushed after the link, not before: on a journalling filesystem (ext4,
+    XFS) the one flush then commits the new directory entry with it, and the directory's
+    own flush finds nothing left to write (one journal commit per instance instead of two,
+    bench/ingest.py). A failure to flush takes the name away again.
+    """
     final = absolute(relative)
     try:
         try:
@@ -119,7 +136,12 @@ def link_into_place(temp: Path, relative: str) -> bool:
             os.link(temp, final)
     except FileExistsError:
         return False
-    fsync_dir(final.parent)
+    try:
+        flush_file(final)
+        fsync_dir(final.parent)
+    except BaseException:
+        final.unlink(missing_ok=True)
+        raise
     return True
 
 
@@ -127,6 +149,7 @@ def publish(temp: Path, relative: str) -> None:
     """Rename a temporary file to its final place, replacing what is there."""
     final = absolute(relative)
     final.parent.mkdir(parents=True, exist_ok=True)
+    flush_file(temp)  # a replaced file must never give way to an unflushed one
     os.replace(temp, final)
     fsync_dir(final.parent)
 

@@ -7,7 +7,6 @@ says what it did.
 
 from __future__ import annotations
 
-import copy
 import logging
 import socket
 import threading
@@ -94,23 +93,30 @@ ACCEPTED_TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, *_LOSSLESS, *_UNCOMPRESSED
 
 
 class _SharedContext(PresentationContext):
-    """A supported presentation context whose deep copy shares its (immutable) UIDs.
+    """A supported presentation context that every association shares, uncopied.
 
-    pynetdicom deep-copies every supported context for each new association; with every
-    storage SOP class times every transfer syntax that is thousands of UID objects, each
-    rebuilt one by one: tens of milliseconds of one core for each association.
+    pynetdicom deep-copies the supported contexts for each new association; with every
+    storage SOP class times every transfer syntax that is thousands of objects, 1.6 ms of
+    one core per association even as shallow copies (bench/query.py, C-ECHO). Negotiation
+    only reads them (``negotiate_as_acceptor`` builds new contexts for its answer), and
+    tests/archive/test_scp.py checks that they stay unchanged.
     """
 
     def __deepcopy__(self, memo: dict) -> PresentationContext:
-        clone = copy.copy(self)
-        clone._transfer_syntax = list(self._transfer_syntax)
-        return clone
+        return self
+
+
+class _SharedContexts(list):
+    """The supported contexts' list, shared by every association like its items."""
+
+    def __deepcopy__(self, memo: dict) -> list:
+        return self
 
 
 def _shared(contexts: list[PresentationContext]) -> list[PresentationContext]:
     for context in contexts:
         context.__class__ = _SharedContext
-    return contexts
+    return _SharedContexts(contexts)
 
 
 class PacsAssociationServer(ThreadedAssociationServer):
@@ -120,6 +126,11 @@ class PacsAssociationServer(ThreadedAssociationServer):
         request, address = super().get_request()
         _no_delay(request)
         return request, address
+
+    def service_actions(self) -> None:
+        """Nothing between requests. (pynetdicom runs a full ``gc.collect()`` every 60
+        turns of the accept loop, tens of milliseconds with the GIL held in a process that
+        has Django loaded; Python's own collector reclaims finished associations.)"""
 
 
 class SharedSocketServer(PacsAssociationServer):

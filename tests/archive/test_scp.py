@@ -263,3 +263,22 @@ def test_an_allow_list_refuses_unknown_calling_aes(transactional_db) -> None:
     finally:
         scp.stop(timeout=5)
     assert Instance.objects.count() == 1
+
+
+def test_associations_share_the_supported_contexts_without_changing_them(scp: Scp) -> None:
+    from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
+
+    shared = scp.server.contexts
+    before = [(c.abstract_syntax, list(c.transfer_syntax), c.scu_role, c.scp_role, c.context_id) for c in shared]
+    plain = associate(scp)  # plain storage contexts, several syntaxes each
+    assert plain.is_established
+    plain.release()
+    ae = AE(ae_title="GETTER")  # and one taking the SCP role, as a C-GET requester does
+    ae.add_requested_context(SOP_FOR_MODALITY["CT"], [ExplicitVRLittleEndian])
+    role = SCP_SCU_RoleSelectionNegotiation()
+    role.sop_class_uid, role.scu_role, role.scp_role = SOP_FOR_MODALITY["CT"], False, True
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="PACSPORTAL", ext_neg=[role])
+    assert assoc.is_established and assoc.accepted_contexts
+    assoc.release()
+    after = [(c.abstract_syntax, list(c.transfer_syntax), c.scu_role, c.scp_role, c.context_id) for c in scp.server.contexts]
+    assert scp.server.contexts is shared and after == before
