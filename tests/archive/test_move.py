@@ -239,3 +239,59 @@ def test_c_cancel_stops_a_move(qr, storescp, monkeypatch) -> None:
     assert final.Status == status.CANCEL
     assert final.NumberOfCompletedSuboperations < 6
     assert final.NumberOfRemainingSuboperations > 0
+
+
+@pytest.fixture
+def pynetdicom_destination():
+    """A pynetdicom Storage SCP as the move destination, whose C-STORE handler the test picks."""
+    servers = []
+
+    def start(handler, ae_title: str = "PYDEST"):
+        ae = AE(ae_title=ae_title)
+        ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+        ae.add_supported_context(MRImageStorage, ExplicitVRLittleEndian)
+        port = free_port()
+        servers.append(ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, handler)]))
+        RemoteNode.objects.create(name=ae_title, ae_title=ae_title, host="127.0.0.1", port=port)
+
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+def test_a_sub_operation_the_destination_refuses_is_counted_and_listed(qr, pynetdicom_destination) -> None:
+    received = []
+
+    def handler(event):
+        received.append(event.request.AffectedSOPInstanceUID)
+        return 0xA700 if len(received) == 2 else 0x0000  # the second one: out of resources
+
+    pynetdicom_destination(handler)
+    replies = c_move(qr, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": "1.2.9.1"}, "PYDEST")
+    final, identifier = replies[-1]
+    assert final.Status == status.SUB_OPERATIONS_WARNING
+    assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (3, 1)
+    assert len(received) == 4 and identifier.FailedSOPInstanceUIDList == received[1]
+
+
+def test_a_destination_that_aborts_midway_leaves_the_rest_failed_and_the_scp_serving(qr, pynetdicom_destination) -> None:
+    received = []
+
+    def handler(event):
+        received.append(event.request.AffectedSOPInstanceUID)
+        if len(received) == 2:
+            event.assoc.abort()
+        return 0x0000
+
+    pynetdicom_destination(handler)
+    replies = c_move(qr, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": "1.2.9.1"}, "PYDEST")
+    final, identifier = replies[-1]
+    assert final.NumberOfCompletedSuboperations == 1
+    assert final.NumberOfFailedSuboperations == 3
+    assert len(identifier.FailedSOPInstanceUIDList) == 3
+    assert final.Status == status.SUB_OPERATIONS_WARNING
+    # The SCP goes on serving: the same move to a destination that behaves completes.
+    ok = []
+    pynetdicom_destination(lambda event: ok.append(1) or 0x0000, ae_title="PYDEST2")
+    again = c_move(qr, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": "1.2.9.1"}, "PYDEST2")
+    assert again[-1][0].Status == status.SUCCESS and len(ok) == 4
