@@ -63,7 +63,7 @@ class Sender:
             if self._channel is None:
                 return self._store_by_pynetdicom(item, message_id)
             return self._store_fast(item, message_id)
-        except (retrieve.RetrieveError, wire.WireError, OSError, ValueError, AttributeError, RuntimeError) as exc:
+        except (retrieve.RetrieveError, wire.WireError, OSError, ValueError, AttributeError, RuntimeError, BufferError) as exc:
             log.warning("C-STORE of %s to %s failed: %s", item.sop_instance_uid, _peer_ae(self.assoc), exc)
             if isinstance(exc, fastpath.Interrupted):
                 self._give_up()
@@ -92,14 +92,15 @@ class Sender:
         if item.transfer_syntax_uid in accepted:
             context = self.assoc._get_valid_context(item.sop_class_uid, item.transfer_syntax_uid, "scu", allow_conversion=False)
             path = storage.absolute(item.file_path)
-            with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
-                data = memoryview(view)
-                try:
-                    response = fastpath.c_store(
-                        self._channel, int(context.context_id), command, data[wire.dataset_offset(data) :], message_id
-                    )
-                finally:
-                    data.release()
+            with open(path, "rb") as handle:
+                view = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            data = memoryview(view)
+            try:
+                response = fastpath.c_store(
+                    self._channel, int(context.context_id), command, data[wire.dataset_offset(data) :], message_id
+                )
+            finally:
+                _close_quietly(data, view)
         else:
             ds = retrieve.load(item, accepted)
             context = self.assoc._get_valid_context(
@@ -119,6 +120,16 @@ class Sender:
         self._channel = None
         if self.assoc.is_established:
             self.assoc.abort()
+
+
+def _close_quietly(data: memoryview, view: mmap.mmap) -> None:
+    """Unmap a sent file. After a failed send, the traceback may still hold slices of the
+    map; it is then unmapped when the last of them goes, instead of raising here."""
+    try:
+        data.release()
+        view.close()
+    except BufferError:
+        pass
 
 
 def _we_may_send(assoc: Any, context: Any) -> bool:
