@@ -325,6 +325,12 @@ def write(assoc: Any, buffers: Sequence[Any]) -> None:
     """
     dul = _dul(assoc)
     _drain_outgoing(dul, timeout=float(assoc.dimse_timeout or 30))
+    _send_locked(dul, buffers)
+
+
+def _send_locked(dul: PacsDUL, buffers: Sequence[Any]) -> None:
+    """Write ``buffers`` under the DUL's I/O lock; a failure tells the DUL the transport
+    closed (Evt17) and raises ``Interrupted``."""
     with dul.io_lock:
         try:
             _sendmsg_all(dul.socket.socket, buffers)  # type: ignore[union-attr]
@@ -350,12 +356,7 @@ class Borrowed:
         self.timeout = assoc.dimse_timeout
 
     def send(self, context_id: int, command: bytes, dataset: Any | None = None) -> None:
-        buffers = wire.pdus(context_id, command, dataset, self.maximum_length)
-        with self.dul.io_lock:
-            try:
-                _sendmsg_all(self.sock, buffers)
-            except OSError as exc:
-                raise Interrupted(f"cannot send to the peer: {exc}") from exc
+        _send_locked(self.dul, wire.pdus(context_id, command, dataset, self.maximum_length))
 
     def _read(self, count: int) -> bytearray:
         data = bytearray(count)

@@ -73,13 +73,6 @@ def _text(value: Any) -> Any:
     return value  # bytes and the like: the query service refuses them with a reason
 
 
-def answer_dataset(answer: dict[str, Any]) -> Dataset:
-    """Encode one answer as a C-FIND response identifier."""
-    ds = query.answer_dataset(answer)
-    ds.RetrieveAETitle = settings.PACS_AE_TITLE
-    return ds
-
-
 def answers(assoc, sop_class_uid: str, identifier: Dataset, is_cancelled) -> Iterator[tuple[int | Dataset, dict | None]]:
     """Yield (status, answer) for a C-FIND request: (PENDING, answer dict) per match, then
     (CANCEL, None) if cancelled; a refusal is one (failure Dataset, None) with its comment."""

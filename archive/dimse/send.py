@@ -3,7 +3,6 @@ the "send to node" action of the REST API, run by the task worker."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 
 from django.conf import settings
@@ -13,8 +12,6 @@ from pynetdicom.presentation import build_context
 from archive import retrieve
 from archive.dimse import storescu
 from archive.models import RemoteNode
-
-log = logging.getLogger("archive.dimse")
 
 
 class SendError(Exception):

@@ -3,8 +3,8 @@ of C-MOVE and C-GET, PS3.4 C.4.2.3 and C.4.3.3, and sends to DICOM nodes).
 
 ``Sender`` sends stored instances one after the other. A file whose transfer syntax the
 peer accepted goes as stored: its data set is mapped and written to the socket without
-being decoded or copied. Otherwise the instance is transcoded (``retrieve.load``) and
-encoded in the context's syntax. On an association built with the fast path
+being decoded or copied. Otherwise the instance is transcoded and encoded in the context's
+syntax. ``retrieve.outgoing`` makes that choice. On an association built with the fast path
 (``archive.dimse.fastpath``) the socket is borrowed for the whole run, so each exchange is
 one ``sendmsg`` and a read of the response; elsewhere (TLS) each goes through pynetdicom's
 ``send_c_store``.
@@ -15,12 +15,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import mmap
+from pathlib import Path
 from typing import Any
 
-from pydicom.uid import UID
+from pydicom.dataset import Dataset
 from pynetdicom.dsutils import encode
 
-from archive import retrieve, storage
+from archive import retrieve
 from archive.dimse import fastpath, wire
 
 log = logging.getLogger("archive.dimse")
@@ -36,6 +37,8 @@ class Sender:
         self._stack = contextlib.ExitStack()
         self._channel: fastpath.Borrowed | None = None
         self.broken = False
+        self._accepted: dict[str, list[str]] = {}
+        self._contexts: dict[tuple[str, str, bool], Any] = {}
 
     def __enter__(self) -> "Sender":
         if fastpath.available(self.assoc):
@@ -47,12 +50,17 @@ class Sender:
         self._channel = None
 
     def accepted_syntaxes(self, sop_class_uid: str) -> list[str]:
-        """The transfer syntaxes the peer accepted for ``sop_class_uid`` (with us as SCU)."""
-        return [
-            str(cx.transfer_syntax[0])
-            for cx in self.assoc.accepted_contexts
-            if str(cx.abstract_syntax) == sop_class_uid and _we_may_send(self.assoc, cx)
-        ]
+        """The transfer syntaxes the peer accepted for ``sop_class_uid`` (with us as SCU),
+        found once per SOP class."""
+        found = self._accepted.get(sop_class_uid)
+        if found is None:
+            found = [
+                str(cx.transfer_syntax[0])
+                for cx in self.assoc.accepted_contexts
+                if str(cx.abstract_syntax) == sop_class_uid and _we_may_send(self.assoc, cx)
+            ]
+            self._accepted[sop_class_uid] = found
+        return found
 
     def store(self, item: retrieve.StoredInstance, message_id: int) -> int | None:
         """C-STORE one instance; return the peer's Status, or None when it was not sent
@@ -60,28 +68,31 @@ class Sender:
         if self.broken:
             return None
         try:
+            outgoing = retrieve.outgoing(item, self.accepted_syntaxes(item.sop_class_uid))
             if self._channel is None:
-                return self._store_by_pynetdicom(item, message_id)
-            return self._store_fast(item, message_id)
+                reply = self.assoc.send_c_store(
+                    outgoing, msg_id=message_id, originator_aet=self.originator_aet, originator_id=self.originator_id
+                )
+                return int(reply.Status) if "Status" in reply else None
+            return self._store_fast(item, outgoing, message_id)
         except (retrieve.RetrieveError, wire.WireError, OSError, ValueError, AttributeError, RuntimeError, BufferError) as exc:
             log.warning("C-STORE of %s to %s failed: %s", item.sop_instance_uid, _peer_ae(self.assoc), exc)
             if isinstance(exc, fastpath.Interrupted):
                 self._give_up()
             return None
 
-    def _store_by_pynetdicom(self, item: retrieve.StoredInstance, message_id: int) -> int | None:
-        accepted = self.accepted_syntaxes(item.sop_class_uid)
-        reply = self.assoc.send_c_store(
-            retrieve.outgoing(item, accepted),
-            msg_id=message_id,
-            originator_aet=self.originator_aet,
-            originator_id=self.originator_id,
-        )
-        return int(reply.Status) if "Status" in reply else None
+    def _context(self, sop_class_uid: str, syntax: str, allow_conversion: bool) -> Any:
+        key = (sop_class_uid, syntax, allow_conversion)
+        context = self._contexts.get(key)
+        if context is None:
+            context = self.assoc._get_valid_context(sop_class_uid, syntax, "scu", allow_conversion=allow_conversion)
+            self._contexts[key] = context
+        return context
 
-    def _store_fast(self, item: retrieve.StoredInstance, message_id: int) -> int | None:
+    def _store_fast(self, item: retrieve.StoredInstance, outgoing: Path | Dataset, message_id: int) -> int | None:
+        """The file as stored (a map of it, never decoded) or the transcoded data set encoded
+        in the context's syntax, on the borrowed socket."""
         assert self._channel is not None
-        accepted = self.accepted_syntaxes(item.sop_class_uid)
         command = wire.c_store_rq(
             item.sop_class_uid,
             item.sop_instance_uid,
@@ -89,10 +100,9 @@ class Sender:
             originator_aet=self.originator_aet,
             originator_message_id=self.originator_id,
         )
-        if item.transfer_syntax_uid in accepted:
-            context = self.assoc._get_valid_context(item.sop_class_uid, item.transfer_syntax_uid, "scu", allow_conversion=False)
-            path = storage.absolute(item.file_path)
-            with open(path, "rb") as handle:
+        if isinstance(outgoing, Path):
+            context = self._context(item.sop_class_uid, item.transfer_syntax_uid, allow_conversion=False)
+            with open(outgoing, "rb") as handle:
                 view = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
             data = memoryview(view)
             try:
@@ -102,12 +112,9 @@ class Sender:
             finally:
                 _close_quietly(data, view)
         else:
-            ds = retrieve.load(item, accepted)
-            context = self.assoc._get_valid_context(
-                item.sop_class_uid, UID(ds.file_meta.TransferSyntaxUID), "scu", allow_conversion=True
-            )
+            context = self._context(item.sop_class_uid, str(outgoing.file_meta.TransferSyntaxUID), allow_conversion=True)
             syntax = context.transfer_syntax[0]
-            encoded = encode(ds, syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
+            encoded = encode(outgoing, syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
             if encoded is None:
                 raise retrieve.RetrieveError(f"cannot encode {item.sop_instance_uid} as {syntax.name}")
             response = fastpath.c_store(self._channel, int(context.context_id), command, encoded, message_id)

@@ -15,7 +15,7 @@ onto an association's socket instead of through pynetdicom's per-PDU machinery.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 # The command elements the fast path writes and reads (PS3.7 E.1): element number in
@@ -261,7 +261,3 @@ def dataset_offset(data: bytes | bytearray | memoryview | Any) -> int:
         raise WireError("the file meta information is cut short")
     return offset
 
-
-def total_length(buffers: Sequence[Any]) -> int:
-    """The number of bytes in ``buffers``."""
-    return sum(len(b) if not isinstance(b, memoryview) else b.nbytes for b in buffers)
