@@ -15,11 +15,13 @@ import struct
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.datadict import tag_for_keyword
 from pydicom.tag import Tag
 from pydicom.uid import UID
 
@@ -201,12 +203,19 @@ class Header:
     instance: dict[str, Any] = field(default_factory=dict)
 
 
-def _text(ds: Dataset, keyword: str, limit: int = 64) -> str:
-    """Return an element's value as decoded Unicode text ("" when absent), clipped to ``limit``."""
+Getter = Callable[[str], Any]  # keyword -> the element's value as pydicom gives it (None when absent)
+
+
+def _get(get: Getter, keyword: str) -> Any:
     try:
-        value = ds.get(keyword)
+        return get(keyword)
     except Exception:  # a value pydicom cannot decode is treated as absent
-        return ""
+        return None
+
+
+def _text(get: Getter, keyword: str, limit: int = 64) -> str:
+    """Return an element's value as decoded Unicode text ("" when absent), clipped to ``limit``."""
+    value = _get(get, keyword)
     if value is None:
         return ""
     if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
@@ -215,9 +224,9 @@ def _text(ds: Dataset, keyword: str, limit: int = 64) -> str:
     return text[:limit]
 
 
-def _int(ds: Dataset, keyword: str) -> int | None:
+def _int(get: Getter, keyword: str) -> int | None:
     try:
-        value = ds.get(keyword)
+        value = get(keyword)
         if value is None or value == "":
             return None
         if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
@@ -228,9 +237,9 @@ def _int(ds: Dataset, keyword: str) -> int | None:
     return number if -(2**31) <= number < 2**31 else None
 
 
-def _floats(ds: Dataset, keyword: str, count: int) -> list[float] | None:
+def _floats(get: Getter, keyword: str, count: int) -> list[float] | None:
     try:
-        value = ds.get(keyword)
+        value = get(keyword)
         if value is None:
             return None
         numbers = [float(v) for v in value]
@@ -241,9 +250,9 @@ def _floats(ds: Dataset, keyword: str, count: int) -> list[float] | None:
     return numbers
 
 
-def _float(ds: Dataset, keyword: str) -> float | None:
+def _float(get: Getter, keyword: str) -> float | None:
     try:
-        value = ds.get(keyword)
+        value = get(keyword)
         number = float(value) if value not in (None, "") else None
     except (TypeError, ValueError):
         return None
@@ -297,49 +306,70 @@ def normalize_name(value: str) -> str:
 def extract_header(ds: Dataset) -> Header:
     """Return the indexed values of ``ds``, decoded with its SpecificCharacterSet."""
     meta = getattr(ds, "file_meta", None) or Dataset()
-    patient_name = _text(ds, "PatientName", 324)
+    return _header(ds.get, "Rows" in ds, str(meta.get("TransferSyntaxUID", "")))
+
+
+# The attributes extract_header reads, by keyword.
+_HEADER_KEYWORDS = (
+    "PatientName PatientID IssuerOfPatientID PatientBirthDate PatientSex StudyInstanceUID AccessionNumber "
+    "StudyDate StudyTime StudyDescription ReferringPhysicianName StudyID InstitutionName SeriesInstanceUID "
+    "SeriesNumber Modality SeriesDescription BodyPartExamined ProtocolName SeriesDate SeriesTime StationName "
+    "SOPInstanceUID SOPClassUID InstanceNumber Rows Columns BitsAllocated NumberOfFrames ImagePositionPatient "
+    "ImageOrientationPatient SliceLocation SpecificCharacterSet"
+).split()
+_HEADER_TAGS = {keyword: int(tag_for_keyword(keyword)) for keyword in _HEADER_KEYWORDS}
+
+
+def header_from_values(values: dict[int, Any], transfer_syntax: str) -> Header:
+    """``extract_header`` for values already decoded (``archive.rawheader``): top-level
+    tag -> the value as pydicom would give it."""
+    return _header(lambda keyword: values.get(_HEADER_TAGS[keyword]), _HEADER_TAGS["Rows"] in values, transfer_syntax)
+
+
+def _header(get: Getter, has_rows: bool, transfer_syntax: str) -> Header:
+    patient_name = _text(get, "PatientName", 324)
     header = Header()
     header.patient = {
-        "patient_id": _text(ds, "PatientID"),
-        "issuer_of_patient_id": _text(ds, "IssuerOfPatientID"),
+        "patient_id": _text(get, "PatientID"),
+        "issuer_of_patient_id": _text(get, "IssuerOfPatientID"),
         "patient_name": patient_name,
-        "patient_birth_date": parse_da(_text(ds, "PatientBirthDate")),
-        "patient_sex": _text(ds, "PatientSex", 16).upper(),
+        "patient_birth_date": parse_da(_text(get, "PatientBirthDate")),
+        "patient_sex": _text(get, "PatientSex", 16).upper(),
     }
     header.study = {
-        "study_instance_uid": _text(ds, "StudyInstanceUID", UNCLIPPED),
-        "accession_number": _text(ds, "AccessionNumber", 16),
-        "study_date": parse_da(_text(ds, "StudyDate")),
-        "study_time": parse_tm(_text(ds, "StudyTime")),
-        "study_description": _text(ds, "StudyDescription"),
-        "referring_physician_name": _text(ds, "ReferringPhysicianName", 324),
-        "study_id": _text(ds, "StudyID", 16),
-        "institution_name": _text(ds, "InstitutionName"),
+        "study_instance_uid": _text(get, "StudyInstanceUID", UNCLIPPED),
+        "accession_number": _text(get, "AccessionNumber", 16),
+        "study_date": parse_da(_text(get, "StudyDate")),
+        "study_time": parse_tm(_text(get, "StudyTime")),
+        "study_description": _text(get, "StudyDescription"),
+        "referring_physician_name": _text(get, "ReferringPhysicianName", 324),
+        "study_id": _text(get, "StudyID", 16),
+        "institution_name": _text(get, "InstitutionName"),
     }
     header.series = {
-        "series_instance_uid": _text(ds, "SeriesInstanceUID", UNCLIPPED),
-        "series_number": _int(ds, "SeriesNumber"),
-        "modality": _text(ds, "Modality", 16).upper(),
-        "series_description": _text(ds, "SeriesDescription"),
-        "body_part_examined": _text(ds, "BodyPartExamined", 16),
-        "protocol_name": _text(ds, "ProtocolName"),
-        "series_date": parse_da(_text(ds, "SeriesDate")),
-        "series_time": parse_tm(_text(ds, "SeriesTime")),
-        "station_name": _text(ds, "StationName", 16),
+        "series_instance_uid": _text(get, "SeriesInstanceUID", UNCLIPPED),
+        "series_number": _int(get, "SeriesNumber"),
+        "modality": _text(get, "Modality", 16).upper(),
+        "series_description": _text(get, "SeriesDescription"),
+        "body_part_examined": _text(get, "BodyPartExamined", 16),
+        "protocol_name": _text(get, "ProtocolName"),
+        "series_date": parse_da(_text(get, "SeriesDate")),
+        "series_time": parse_tm(_text(get, "SeriesTime")),
+        "station_name": _text(get, "StationName", 16),
     }
     header.instance = {
-        "sop_instance_uid": _text(ds, "SOPInstanceUID", UNCLIPPED),
-        "sop_class_uid": _text(ds, "SOPClassUID", UNCLIPPED),
-        "instance_number": _int(ds, "InstanceNumber"),
-        "transfer_syntax_uid": str(meta.get("TransferSyntaxUID", ""))[:64],
-        "rows": _int(ds, "Rows"),
-        "columns": _int(ds, "Columns"),
-        "bits_allocated": _int(ds, "BitsAllocated"),
-        "number_of_frames": _int(ds, "NumberOfFrames") or (1 if "Rows" in ds else None),
-        "image_position_patient": _floats(ds, "ImagePositionPatient", 3),
-        "image_orientation_patient": _floats(ds, "ImageOrientationPatient", 6),
-        "slice_location": _float(ds, "SliceLocation"),
-        "specific_character_set": _text(ds, "SpecificCharacterSet", 64),
+        "sop_instance_uid": _text(get, "SOPInstanceUID", UNCLIPPED),
+        "sop_class_uid": _text(get, "SOPClassUID", UNCLIPPED),
+        "instance_number": _int(get, "InstanceNumber"),
+        "transfer_syntax_uid": transfer_syntax[:64],
+        "rows": _int(get, "Rows"),
+        "columns": _int(get, "Columns"),
+        "bits_allocated": _int(get, "BitsAllocated"),
+        "number_of_frames": _int(get, "NumberOfFrames") or (1 if has_rows else None),
+        "image_position_patient": _floats(get, "ImagePositionPatient", 3),
+        "image_orientation_patient": _floats(get, "ImageOrientationPatient", 6),
+        "slice_location": _float(get, "SliceLocation"),
+        "specific_character_set": _text(get, "SpecificCharacterSet", 64),
     }
     return header
 

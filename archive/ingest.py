@@ -35,16 +35,8 @@ from django.utils import timezone
 from pydicom.dataset import Dataset
 from pydicom.filewriter import dcmwrite
 
-from archive import storage
-from archive.dicom import (
-    DicomFileError,
-    Header,
-    extract_header,
-    json_header,
-    normalize_name,
-    parse_part10,
-    required_uid_errors,
-)
+from archive import rawheader, storage
+from archive.dicom import DicomFileError, Header, normalize_name, required_uid_errors
 from archive.models import Instance, Patient, Series, Study
 
 log = logging.getLogger("archive.ingest")
@@ -180,11 +172,9 @@ def _io_failure(exc: OSError) -> IngestResult:
 def _ingest_temp(temp: Path, source: Source, expected: Expected | None) -> IngestResult:
     with storage.mapped(temp) as (data, size, sha256):
         try:
-            ds = parse_part10(data, size)
+            header, metadata = rawheader.indexed(data, size)
         except DicomFileError as exc:
             return IngestResult(Outcome.REJECTED, str(exc))
-        header = extract_header(ds)
-        metadata = json_header(ds)
     uid = header.instance["sop_instance_uid"]
     problems = required_uid_errors(header)
     if problems:

@@ -47,6 +47,8 @@ from typing import Any
 import pynetdicom
 from pynetdicom import association as pynetdicom_association
 from pynetdicom import evt
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT, A_RELEASE
@@ -56,11 +58,36 @@ from archive.dimse import wire
 log = logging.getLogger("archive.dimse")
 
 # The longest a quiet DUL or association thread waits before looking at its timers and
-# flags again (it wakes at once for data, a queued PDU, or a stop).
-IDLE_WAIT = 0.005
-ASSOCIATION_WAIT = 0.001  # as pynetdicom's own turn: release and abort are seen this fast
+# flags again. Each wait ends at once for what needs an answer (data on the socket, a
+# queued PDU, a complete message, a release or an abort); a shorter one would only wake the
+# thread to find nothing, and take the interpreter lock from the thread doing the work.
+IDLE_WAIT = 0.05
+ACCEPTOR_WAIT = 0.05
+# A requestor's reactor turns as fast as pynetdicom's own: its user's thread pauses the
+# reactor before each request and waits until the reactor has seen that.
+REQUESTOR_WAIT = 0.001
 # sendmsg takes at most IOV_MAX (1024 on Linux) buffers a call.
 _MAX_BUFFERS = 1000
+
+
+_PDU_TYPES = frozenset(range(0x01, 0x08))  # PS3.8 9.3.1: A-ASSOCIATE-RQ .. A-ABORT
+
+
+def _recv_exactly(sock: socket.socket, count: int, head: bytes = b"") -> bytearray:
+    """``head`` followed by the next ``count`` bytes from ``sock``: shorter only when the peer
+    closed the connection first. Raises what ``recv_into`` raises (``TimeoutError`` too)."""
+    data = bytearray(len(head) + count)
+    data[: len(head)] = head
+    view = memoryview(data)
+    got = len(head)
+    while got < len(data):
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            del view
+            del data[got:]
+            break
+        got += n
+    return data
 
 
 class FastPathUnavailable(RuntimeError):
@@ -126,6 +153,47 @@ class PacsDUL(DULServiceProvider):
             self.event_queue.put(event)
             self._recv_pdu.put(pdu)
         self.wake()
+
+    def _read_pdu_data(self) -> None:
+        """Read one PDU from the socket (pynetdicom's ``_read_pdu_data``, PS3.8 9.3.1), its
+        body in one buffer with as few ``recv`` calls as the kernel allows.
+
+        pynetdicom reads 4 KB at a time: a 128 KB P-DATA-TF took 32 calls, each giving up the
+        interpreter lock and waiting to take it back from the association's thread. The
+        events are pynetdicom's: Evt17 when the connection breaks or the PDU is cut short,
+        Evt19 for an unknown PDU type or one that cannot be decoded.
+        """
+        raw = getattr(self.socket, "socket", None)
+        if raw is None or isinstance(raw, ssl.SSLSocket):
+            super()._read_pdu_data()
+            return
+        try:
+            head = _recv_exactly(raw, 6)
+            if len(head) < 6:
+                self.event_queue.put("Evt17")
+                return
+            pdu_type, _, length = wire.PDU_HEADER.unpack(head)
+            if pdu_type not in _PDU_TYPES:
+                log.error("unknown PDU type 0x%02X received", pdu_type)
+                self.event_queue.put("Evt19")
+                return
+            data = _recv_exactly(raw, length, head)
+        except OSError as exc:  # TimeoutError included
+            log.error("connection closed before the entire PDU was received: %s", exc)
+            self.event_queue.put("Evt17")
+            return
+        if len(data) != 6 + length:
+            log.error("the received PDU is shorter than expected (%d of %d bytes)", len(data), 6 + length)
+            self.event_queue.put("Evt17")
+            return
+        try:
+            pdu, event = self._decode_pdu(data)
+        except Exception as exc:  # noqa: BLE001 - as pynetdicom: whatever cannot be decoded is Evt19
+            log.error("unable to decode the received PDU: %s", exc)
+            self.event_queue.put("Evt19")
+            return
+        self.event_queue.put(event)
+        self._recv_pdu.put(pdu)
 
     def run_reactor(self) -> None:
         """The DUL loop (pynetdicom's ``run_reactor``, PS3.8 9.2), blocking in ``select``
@@ -193,6 +261,37 @@ class PacsDUL(DULServiceProvider):
         self._kill_thread = True
 
 
+class PacsDIMSE(DIMSEServiceProvider):
+    """pynetdicom's DIMSE provider, writing C-STORE responses straight onto the socket.
+
+    A stored instance's response (PS3.7 9.3.1.2) is encoded with ``wire`` and sent by the
+    association's own thread, instead of being encoded with pydicom and queued for the DUL
+    thread to send. Every other message goes pynetdicom's way.
+    """
+
+    def send_msg(self, primitive: Any, context_id: int) -> None:  # type: ignore[override]
+        if (
+            isinstance(primitive, C_STORE)
+            and primitive.MessageIDBeingRespondedTo is not None
+            and primitive.Status is not None
+            and primitive.OffendingElement is None
+            and available(self.assoc)
+        ):
+            command = wire.c_store_rsp(
+                primitive.AffectedSOPClassUID,
+                primitive.AffectedSOPInstanceUID,
+                primitive.MessageIDBeingRespondedTo,
+                primitive.Status,
+                comment=primitive.ErrorComment,
+            )
+            try:
+                send_message(self.assoc, context_id, command)
+            except Interrupted as exc:  # the DUL was told (Evt17) and ends the association
+                log.warning("C-STORE response not sent: %s", exc)
+            return
+        super().send_msg(primitive, context_id)
+
+
 class PacsAssociation(pynetdicom_association.Association):
     """pynetdicom's Association, whose reactor waits on its message queue instead of sleeping."""
 
@@ -200,12 +299,13 @@ class PacsAssociation(pynetdicom_association.Association):
         """The association loop (pynetdicom's ``_run_reactor``): serve each complete request
         as soon as it is decoded; look for release, abort and timeouts between requests."""
         self._is_paused = False
+        wait = REQUESTOR_WAIT if self.is_requestor else ACCEPTOR_WAIT
         while not self._kill:
             self._is_paused = True
             self._reactor_checkpoint.wait()
             self._is_paused = False
             try:
-                context_id, msg = self.dimse.msg_queue.get(timeout=ASSOCIATION_WAIT)
+                context_id, msg = self.dimse.msg_queue.get(timeout=wait)
             except queue.Empty:
                 context_id, msg = None, None
             if msg:
@@ -265,6 +365,7 @@ def install() -> None:
     dimse_messages.NamedTemporaryFile = ReceiveFile
 
     pynetdicom_association.DULServiceProvider = PacsDUL  # built by Association.__init__
+    pynetdicom_association.DIMSEServiceProvider = PacsDIMSE
     pynetdicom_ae.Association = PacsAssociation  # requestors (AE.associate)
     pynetdicom_association.Association = PacsAssociation  # acceptors (transport imports it per request)
 
@@ -359,14 +460,9 @@ class Borrowed:
         _send_locked(self.dul, wire.pdus(context_id, command, dataset, self.maximum_length))
 
     def _read(self, count: int) -> bytearray:
-        data = bytearray(count)
-        view = memoryview(data)
-        got = 0
-        while got < count:
-            n = self.sock.recv_into(view[got:], count - got)
-            if n == 0:
-                raise Interrupted("the peer closed the connection")
-            got += n
+        data = _recv_exactly(self.sock, count)
+        if len(data) < count:
+            raise Interrupted("the peer closed the connection")
         return data
 
     def receive(self) -> tuple[int, dict[str, Any], bytes | None]:

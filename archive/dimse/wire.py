@@ -110,6 +110,26 @@ def c_store_rq(
     )
 
 
+def c_store_rsp(
+    sop_class_uid: str | None,
+    sop_instance_uid: str | None,
+    responding_to: int,
+    status: int,
+    *,
+    comment: str | None = None,
+) -> bytes:
+    """The command set of a C-STORE-RSP (PS3.7 9.3.1.2)."""
+    return command_set(
+        AffectedSOPClassUID=sop_class_uid,
+        CommandField=C_STORE_RSP,
+        MessageIDBeingRespondedTo=responding_to,
+        CommandDataSetType=NO_DATASET,
+        Status=status,
+        ErrorComment=comment,
+        AffectedSOPInstanceUID=sop_instance_uid,
+    )
+
+
 def c_find_rsp(sop_class_uid: str, responding_to: int, status: int, *, identifier: bool, comment: str | None = None) -> bytes:
     """The command set of a C-FIND-RSP (PS3.7 9.3.2.2)."""
     return command_set(

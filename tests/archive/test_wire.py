@@ -9,7 +9,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-from pynetdicom.dimse_messages import C_FIND_RSP, C_STORE_RQ
+from pynetdicom.dimse_messages import C_FIND_RSP, C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_FIND, C_STORE
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.pdu import P_DATA_TF
@@ -59,6 +59,24 @@ def test_it_encodes_a_c_find_response_as_pynetdicom_does(code, comment) -> None:
     ours = wire.c_find_rsp(STUDY_ROOT_FIND, 9, code, identifier=code == 0xFF00, comment=comment)
     assert ours == pynetdicom_command(primitive, C_FIND_RSP)
     assert wire.parse_command(ours)["Status"] == code
+
+
+@pytest.mark.parametrize(
+    "code, comment, instance",
+    [(0x0000, None, "1.2.3.45"), (0xA700, "storage is full", "1.2.3.4"), (0xC000, "odd", None)],
+)
+def test_it_encodes_a_c_store_response_as_pynetdicom_does(code, comment, instance) -> None:
+    primitive = C_STORE()
+    primitive.MessageIDBeingRespondedTo = 77
+    primitive.AffectedSOPClassUID = CTImageStorage
+    primitive.AffectedSOPInstanceUID = instance
+    primitive.Status = code
+    if comment:
+        primitive.ErrorComment = comment
+    ours = wire.c_store_rsp(CTImageStorage, instance, 77, code, comment=comment)
+    assert ours == pynetdicom_command(primitive, C_STORE_RSP)
+    parsed = wire.parse_command(ours)
+    assert (parsed["Status"], parsed["CommandField"], parsed.get("ErrorComment")) == (code, wire.C_STORE_RSP, comment)
 
 
 def test_it_refuses_bytes_that_are_no_command_set() -> None:
