@@ -8,8 +8,9 @@ onto an association's socket instead of through pynetdicom's per-PDU machinery.
   (PS3.7 6.3.1 and E.1).
 - A message goes out as P-DATA-TF PDUs (PS3.8 9.3.5), each holding one presentation data
   value: a fragment of the command or of the data set, with its message control header
-  (PS3.8 E.2). No PDU is longer than the peer's Maximum Length (PS3.8 D.1); the command
-  set and the data set never share a PDV.
+  (PS3.8 E.2), except that a command set and a data set that fit in one PDU together go
+  as its two PDVs. No PDU is longer than the peer's Maximum Length (PS3.8 D.1); the command
+  set and the data set never share a PDV, and no PDU holds parts of two messages.
 """
 
 from __future__ import annotations
@@ -193,6 +194,11 @@ def pdus(context_id: int, command: bytes, dataset: Any | None, peer_maximum_leng
     copied. Returns alternating PDU headers (bytes) and values (buffers).
     """
     size = fragment_size(peer_maximum_length)
+    if dataset is not None and len(command) + 6 + len(dataset) <= size:
+        # Both whole in one PDU (two PDVs): a C-FIND answer costs the peer one PDU to read.
+        head = PDU_HEADER.pack(P_DATA_TF, 0, 12 + len(command) + len(dataset))
+        data_head = PDV_HEADER.pack(2 + len(dataset), context_id, 0x02)
+        return [head + PDV_HEADER.pack(2 + len(command), context_id, 0x03), bytes(command) + data_head + bytes(dataset)]
     buffers: list[Any] = []
     _append_fragments(buffers, context_id, memoryview(command), size, command_flag=1)
     if dataset is not None:

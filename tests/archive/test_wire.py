@@ -86,11 +86,13 @@ def test_it_refuses_bytes_that_are_no_command_set() -> None:
         wire.parse_command(wire.c_store_rq(CTImageStorage, "1.2.3", 1)[:-3])
 
 
-@pytest.mark.parametrize("maximum", [16384, 100, 0])
-def test_pdus_respect_the_peer_maximum_and_pynetdicom_reads_them(maximum) -> None:
+@pytest.mark.parametrize("maximum, size", [(16384, 256000), (100, 256000), (0, 256000), (16384, 300), (0, 300)])
+def test_pdus_respect_the_peer_maximum_and_pynetdicom_reads_them(maximum, size) -> None:
     command = wire.c_store_rq(CTImageStorage, "1.2.3.4", 1)
-    dataset = bytes(range(256)) * 1000
+    dataset = (bytes(range(256)) * 1000)[:size]
     buffers = wire.pdus(3, command, dataset, maximum)
+    if size == 300:  # a small message travels whole in one PDU
+        assert len(buffers) == 2
     pdus = [buffers[i] + bytes(buffers[i + 1]) for i in range(0, len(buffers), 2)]
     limit = maximum or wire.UNLIMITED_PDU
     assert all(len(pdu) - 6 <= limit for pdu in pdus)
@@ -110,6 +112,18 @@ def test_pdus_respect_the_peer_maximum_and_pynetdicom_reads_them(maximum) -> Non
     assert [f for f in flags if f & 1] [-1] == 0x03 and flags.count(0x03) == 1 and flags.count(0x02) == 1
     assert flags[-1] == 0x02
     assert [(c, h, bytes(v)) for raw in pdus for c, h, v in wire.iter_pdvs(raw[6:])][0][:2] == (3, flags[0])
+
+
+def test_pynetdicom_decodes_a_message_sent_whole_in_one_pdu() -> None:
+    command = wire.c_find_rsp(STUDY_ROOT_FIND, 5, 0xFF00, identifier=True)
+    identifier = b"\x10\x00\x20\x00LO\x04\x00PAT1"  # PatientID, Explicit VR Little Endian
+    (head, value) = wire.pdus(1, command, identifier, 16384)
+    pdu = P_DATA_TF()
+    pdu.decode(head + value)
+    message = C_FIND_RSP()
+    assert message.decode_msg(pdu.to_primitive())
+    assert message.command_set.Status == 0xFF00 and message.command_set.MessageIDBeingRespondedTo == 5
+    assert message.data_set.getvalue() == identifier
 
 
 def test_the_data_set_starts_after_the_file_meta(tmp_path) -> None:
