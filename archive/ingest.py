@@ -391,6 +391,8 @@ def _retrying(function, *args, attempts: int = 3):
 
 def _transaction(row: _InstanceRow, cached: tuple[int, int] | None) -> _Keys:
     conn = connections[DEFAULT_DB_ALIAS]  # looked up once: the proxy costs on every use
+    if cached is not None and conn.vendor == "postgresql":
+        return _add_to_known_series(conn, row, *cached)
     with _writer_lock(conn), transaction.atomic():
         if cached is not None:
             study_id, series_id = cached
@@ -404,6 +406,16 @@ def _transaction(row: _InstanceRow, cached: tuple[int, int] | None) -> _Keys:
     return _Keys(instance_id, study_id, series_id, created_series)
 
 
+def _add_to_known_series(conn, row: _InstanceRow, study_id: int, series_id: int) -> _Keys:
+    """PostgreSQL: insert the row and count it in one statement, one transaction of its own
+    (``archive_add_instance``, migration 0006), or part of the caller's when in one."""
+    statements = _sql(conn)
+    with conn.cursor() as cursor:
+        cursor.execute(statements.add_instance, [study_id, row.size, *_instance_params(conn, row, series_id)])
+        instance_id = cursor.fetchone()[0]
+    return _Keys(instance_id, study_id, series_id, created_series=False)
+
+
 @dataclass(frozen=True)
 class _Statements:
     """The hot path's SQL for one database vendor, built once."""
@@ -412,6 +424,7 @@ class _Statements:
     fields: tuple
     count_study: str
     count_series: str
+    add_instance: str  # PostgreSQL only: archive_add_instance(study, size, *instance columns)
 
 
 _statements: dict[str, _Statements] = {}
@@ -441,6 +454,23 @@ _INSTANCE_COLUMNS = (
 )
 
 
+# archive_add_instance's parameter types, by model field type (varchar without a length:
+# a cast to varchar(n) would clip where the insert must refuse).
+_PG_TYPES = {
+    "ForeignKey": "bigint",
+    "CharField": "varchar",
+    "IntegerField": "integer",
+    "PositiveSmallIntegerField": "integer",
+    "SmallIntegerField": "integer",
+    "PositiveIntegerField": "integer",
+    "BigIntegerField": "bigint",
+    "PositiveBigIntegerField": "bigint",
+    "FloatField": "double precision",
+    "JSONField": "jsonb",
+    "DateTimeField": "timestamptz",
+}
+
+
 def _sql(conn) -> _Statements:
     statements = _statements.get(conn.vendor)
     if statements is None:
@@ -452,7 +482,9 @@ def _sql(conn) -> _Statements:
             quote(meta.db_table), ", ".join(quote(f.column) for f in fields), ", ".join(placeholders), quote(meta.pk.column)
         )
         count = "UPDATE {t} SET {n} = {n} + %s, {b} = {b} + %s WHERE {pk} = %s"
+        casts = ["%s::bigint", "%s::bigint"] + [f"%s::{_PG_TYPES[f.get_internal_type()]}" for f in fields]
         statements = _Statements(
+            add_instance=f"SELECT archive_add_instance({', '.join(casts)})",
             insert=insert,
             fields=fields,
             count_study=count.format(
@@ -479,7 +511,13 @@ def _insert_instance(conn, row: _InstanceRow, series_id: int) -> int:
     times the statement itself. Values go through each field's own database conversion,
     but for the header, whose JSON text is made here once.
     """
-    statements = _sql(conn)
+    with conn.cursor() as cursor:
+        cursor.execute(_sql(conn).insert, _instance_params(conn, row, series_id))
+        return cursor.fetchone()[0]
+
+
+def _instance_params(conn, row: _InstanceRow, series_id: int) -> list:
+    """The values of ``_INSTANCE_COLUMNS`` for the row, ready for the database."""
     values = {
         **row.header.instance,
         "series": series_id,
@@ -491,13 +529,10 @@ def _insert_instance(conn, row: _InstanceRow, series_id: int) -> int:
         "source_address": row.source.address[:64],
         "created": timezone.now(),
     }
-    params = [
+    return [
         field.get_db_prep_save(values[field.name], conn) if field.name != "metadata" else _json_text(row.metadata)
-        for field in statements.fields
+        for field in _sql(conn).fields
     ]
-    with conn.cursor() as cursor:
-        cursor.execute(statements.insert, params)
-        return cursor.fetchone()[0]
 
 
 def _json_text(data: dict) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import logging
@@ -211,7 +212,14 @@ def test_indexing_that_fails_after_the_file_is_in_place_removes_it(storage_dir: 
     def lost(*args, **kwargs):
         raise DatabaseError("connection lost")
 
-    monkeypatch.setattr(ingest, "_count", lost)
+    if warm_cache and connection.vendor == "postgresql":
+        # One statement inserts and counts (archive_add_instance): make it fail after the
+        # function has run, so that the statement (its transaction) is rolled back whole.
+        statements = ingest._sql(connection)
+        failing = f"SELECT x FROM ({statements.add_instance} AS x OFFSET 0) s WHERE x / (x - x) > 0"
+        monkeypatch.setitem(ingest._statements, "postgresql", dataclasses.replace(statements, add_instance=failing))
+    else:
+        monkeypatch.setattr(ingest, "_count", lost)
     result = ingest_dataset(make_dataset(study_uid=study_uid, series_uid=series_uid), SOURCE)
     assert result.outcome is Outcome.FAILED
     monkeypatch.undo()
