@@ -169,9 +169,41 @@ class NodeAccess:
         return Instance.objects.filter(series__study__in=studies)
 
 
+NODE_SECONDS = 10.0
+_nodes: dict[tuple[str, bool], tuple[float, NodeAccess]] = {}
+_nodes_lock = threading.Lock()
+
+
 def node_access(ae_title: str) -> NodeAccess:
-    """The rights of the calling AE title ``ae_title`` (PS3.8 7.1.1.3, a calling AE title)."""
+    """The rights of the calling AE title ``ae_title`` (PS3.8 7.1.1.3, a calling AE title),
+    read at most every NODE_SECONDS.
+
+    Every association asks (a C-FIND association would otherwise pay two queries for it
+    before its query); a change of a node in this process applies at once (``forget_nodes``
+    on save, delete and label changes), one made in another process within ten seconds.
+    """
     title = ae_title.strip()
+    key = (title, bool(settings.PACS_QR_KNOWN_NODES_ONLY))
+    now = time.monotonic()
+    with _nodes_lock:
+        cached = _nodes.get(key)
+    if cached and now - cached[0] < NODE_SECONDS:
+        return cached[1]
+    found = _read_node_access(title)
+    with _nodes_lock:
+        if len(_nodes) > 1_000:
+            _nodes.clear()
+        _nodes[key] = (now, found)
+    return found
+
+
+def forget_nodes(**kwargs: object) -> None:
+    """Drop the cached node rights (a RemoteNode or its labels changed; tests)."""
+    with _nodes_lock:
+        _nodes.clear()
+
+
+def _read_node_access(title: str) -> NodeAccess:
     node = RemoteNode.objects.filter(ae_title=title).first()
     if node is None:
         open_ = not settings.PACS_QR_KNOWN_NODES_ONLY

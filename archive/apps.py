@@ -16,7 +16,14 @@ class ArchiveConfig(AppConfig):
         # values come from the database in DICOM form already.
         pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
 
-        from archive.access import label_new_series
+        from django.db.models.signals import m2m_changed, post_delete, post_save
+
+        from archive.access import forget_nodes, label_new_series
+        from archive.models import RemoteNode
+
+        for signal in (post_save, post_delete):
+            signal.connect(forget_nodes, sender=RemoteNode, dispatch_uid=f"archive.forget_nodes.{signal}")
+        m2m_changed.connect(forget_nodes, sender=RemoteNode.access_labels.through, dispatch_uid="archive.forget_nodes.labels")
         from archive.ingest import instance_stored, series_received
         from archive.tasks import queue_prerender
 

@@ -114,11 +114,13 @@ def storage_dir(settings, tmp_path: Path) -> Iterator[Path]:
     settings.PACS_STORAGE_DIR = path
     settings.PACS_RENDER_CACHE_DIR = tmp_path / "render"
     series_cache.clear()
-    from archive.access import forget_permissions
+    from archive.access import forget_nodes, forget_permissions
 
     forget_permissions()  # user ids come back from one test to the next
+    forget_nodes()  # so do AE titles, with other rights
     yield path
     series_cache.clear()
+    forget_nodes()
 
 
 @pytest.fixture

@@ -263,3 +263,22 @@ def test_the_admin_lists_searches_and_validates_nodes(admin_client: Client) -> N
     assert admin_client.post("/admin/archive/remotenode/add/", form).status_code == 302
     mr = RemoteNode.objects.get(name="MR")
     assert (mr.may_store, mr.may_query, mr.may_retrieve) == (True, False, False)
+
+
+@pytest.mark.django_db
+def test_a_changed_node_applies_at_once_despite_the_cached_rights(settings) -> None:
+    from archive.access import node_access
+    from archive.models import AccessLabel
+
+    settings.PACS_QR_KNOWN_NODES_ONLY = True
+    assert node_access("WS1").may_query is False  # unknown: refused, and cached
+    node = RemoteNode.objects.create(name="ws1", ae_title="WS1", host="127.0.0.1", port=104, may_query=True)
+    assert node_access("WS1").may_query is True
+    node.may_query = False
+    node.save()
+    assert node_access("WS1").may_query is False
+    label = AccessLabel.objects.create(name="Cardiology")
+    node.access_labels.add(label)
+    assert node_access("WS1").label_ids == (label.pk,)
+    node.delete()
+    assert node_access("WS1").known is False
