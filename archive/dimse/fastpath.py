@@ -48,7 +48,7 @@ import pynetdicom
 from pynetdicom import association as pynetdicom_association
 from pynetdicom import evt
 from pynetdicom.dimse import DIMSEServiceProvider
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT, A_RELEASE
@@ -262,34 +262,45 @@ class PacsDUL(DULServiceProvider):
 
 
 class PacsDIMSE(DIMSEServiceProvider):
-    """pynetdicom's DIMSE provider, writing C-STORE responses straight onto the socket.
+    """pynetdicom's DIMSE provider, writing C-STORE and C-ECHO responses straight onto the
+    socket.
 
-    A stored instance's response (PS3.7 9.3.1.2) is encoded with ``wire`` and sent by the
+    Their responses (PS3.7 9.3.1.2, 9.3.5.2) are encoded with ``wire`` and sent by the
     association's own thread, instead of being encoded with pydicom and queued for the DUL
     thread to send. Every other message goes pynetdicom's way.
     """
 
     def send_msg(self, primitive: Any, context_id: int) -> None:  # type: ignore[override]
-        if (
-            isinstance(primitive, C_STORE)
-            and primitive.MessageIDBeingRespondedTo is not None
-            and primitive.Status is not None
-            and primitive.OffendingElement is None
-            and available(self.assoc)
-        ):
-            command = wire.c_store_rsp(
+        command = self._fast_response(primitive) if available(self.assoc) else None
+        if command is not None:
+            try:
+                send_message(self.assoc, context_id, command)
+            except Interrupted as exc:  # the DUL was told (Evt17) and ends the association
+                log.warning("%s response not sent: %s", type(primitive).__name__, exc)
+            return
+        super().send_msg(primitive, context_id)
+
+    @staticmethod
+    def _fast_response(primitive: Any) -> bytes | None:
+        """The command set of a C-STORE or C-ECHO response ``wire`` can write, else None."""
+        if primitive.MessageIDBeingRespondedTo is None or getattr(primitive, "Status", None) is None:
+            return None
+        if isinstance(primitive, C_STORE) and primitive.OffendingElement is None:
+            return wire.c_store_rsp(
                 primitive.AffectedSOPClassUID,
                 primitive.AffectedSOPInstanceUID,
                 primitive.MessageIDBeingRespondedTo,
                 primitive.Status,
                 comment=primitive.ErrorComment,
             )
-            try:
-                send_message(self.assoc, context_id, command)
-            except Interrupted as exc:  # the DUL was told (Evt17) and ends the association
-                log.warning("C-STORE response not sent: %s", exc)
-            return
-        super().send_msg(primitive, context_id)
+        if isinstance(primitive, C_ECHO):
+            return wire.c_echo_rsp(
+                primitive.AffectedSOPClassUID,
+                primitive.MessageIDBeingRespondedTo,
+                primitive.Status,
+                comment=primitive.ErrorComment,
+            )
+        return None
 
 
 class PacsAssociation(pynetdicom_association.Association):

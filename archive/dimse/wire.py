@@ -46,6 +46,7 @@ _ELEMENT_OF = {keyword: (element, vr) for element, (keyword, vr) in COMMAND_ELEM
 
 C_STORE_RQ = 0x0001
 C_STORE_RSP = 0x8001
+C_ECHO_RSP = 0x8030
 C_FIND_RSP = 0x8020
 C_CANCEL_RQ = 0x0FFF
 DATASET_PRESENT = 0x0001  # CommandDataSetType: any value but 0x0101 (PS3.7 E.1); as pynetdicom
@@ -128,6 +129,18 @@ def c_store_rsp(
         Status=status,
         ErrorComment=comment,
         AffectedSOPInstanceUID=sop_instance_uid,
+    )
+
+
+def c_echo_rsp(sop_class_uid: str | None, responding_to: int, status: int, *, comment: str | None = None) -> bytes:
+    """The command set of a C-ECHO-RSP (PS3.7 9.3.5.2)."""
+    return command_set(
+        AffectedSOPClassUID=sop_class_uid,
+        CommandField=C_ECHO_RSP,
+        MessageIDBeingRespondedTo=responding_to,
+        CommandDataSetType=NO_DATASET,
+        Status=status,
+        ErrorComment=comment,
     )
 
 

@@ -9,8 +9,8 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-from pynetdicom.dimse_messages import C_FIND_RSP, C_STORE_RQ, C_STORE_RSP
-from pynetdicom.dimse_primitives import C_FIND, C_STORE
+from pynetdicom.dimse_messages import C_ECHO_RSP, C_FIND_RSP, C_STORE_RQ, C_STORE_RSP
+from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_STORE
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.pdu import P_DATA_TF
 
@@ -77,6 +77,17 @@ def test_it_encodes_a_c_store_response_as_pynetdicom_does(code, comment, instanc
     assert ours == pynetdicom_command(primitive, C_STORE_RSP)
     parsed = wire.parse_command(ours)
     assert (parsed["Status"], parsed["CommandField"], parsed.get("ErrorComment")) == (code, wire.C_STORE_RSP, comment)
+
+
+@pytest.mark.parametrize("code, comment", [(0x0000, None), (0x0122, "no such SOP class")])
+def test_it_encodes_a_c_echo_response_as_pynetdicom_does(code, comment) -> None:
+    primitive = C_ECHO()
+    primitive.MessageIDBeingRespondedTo = 3
+    primitive.AffectedSOPClassUID = "1.2.840.10008.1.1"
+    primitive.Status = code
+    primitive.ErrorComment = comment
+    ours = wire.c_echo_rsp("1.2.840.10008.1.1", 3, code, comment=comment)
+    assert ours == pynetdicom_command(primitive, C_ECHO_RSP)
 
 
 def test_it_refuses_bytes_that_are_no_command_set() -> None:
