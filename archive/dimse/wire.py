@@ -269,6 +269,30 @@ def encode_elements(elements: Iterable[tuple[int, str, bytes]], *, explicit_vr: 
     return bytes(out)
 
 
+def file_meta(
+    sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, implementation_uid: str, implementation_version: str
+) -> bytes:
+    """The File Meta Information group (PS3.10 7.1) of a Part 10 file, Explicit VR Little
+    Endian, led by its group length: what follows the preamble and "DICM". ASCII values."""
+
+    def padded(value: str, pad: bytes) -> bytes:
+        data = value.encode("ascii")
+        return data + pad if len(data) % 2 else data
+
+    body = encode_elements(
+        [
+            (0x00020001, "OB", b"\x00\x01"),  # File Meta Information Version
+            (0x00020002, "UI", padded(sop_class_uid, b"\x00")),
+            (0x00020003, "UI", padded(sop_instance_uid, b"\x00")),
+            (0x00020010, "UI", padded(transfer_syntax, b"\x00")),
+            (0x00020012, "UI", padded(implementation_uid, b"\x00")),
+            (0x00020013, "SH", padded(implementation_version, b" ")),
+        ],
+        explicit_vr=True,
+    )
+    return encode_elements([(0x00020000, "UL", struct.pack("<L", len(body)))], explicit_vr=True) + body
+
+
 # VRs whose explicit-VR length field is 4 bytes after 2 reserved ones (PS3.5 7.1.2).
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
 

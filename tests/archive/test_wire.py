@@ -137,6 +137,25 @@ def test_pynetdicom_decodes_a_message_sent_whole_in_one_pdu() -> None:
     assert message.data_set.getvalue() == identifier
 
 
+@pytest.mark.parametrize(
+    "sop_instance, syntax",
+    [("1.2.3.4", "1.2.840.10008.1.2.1"), ("1.2.3.45", "1.2.840.10008.1.2"), ("1.2.826.0.1.3680043.10.999.1", "1.2.840.10008.1.2.4.50")],
+)
+def test_the_received_files_meta_is_what_pydicom_writes(sop_instance, syntax) -> None:
+    from pydicom.filewriter import write_file_meta_info
+    from pynetdicom.dsutils import create_file_meta
+
+    from archive.dimse import fastpath
+
+    kwargs = {"sop_class_uid": CTImageStorage, "sop_instance_uid": sop_instance, "transfer_syntax": syntax}
+    theirs, ours = io.BytesIO(), io.BytesIO()
+    write_file_meta_info(theirs, create_file_meta(**kwargs))
+    fastpath._write_file_meta(ours, fastpath._create_file_meta(**kwargs))
+    assert ours.getvalue() == theirs.getvalue()
+    # What pydicom writes for values it alone can write (here an empty UID) is left to it.
+    assert not isinstance(fastpath._create_file_meta(**{**kwargs, "sop_instance_uid": ""}), fastpath._FileMeta)
+
+
 def test_the_data_set_starts_after_the_file_meta(tmp_path) -> None:
     ds = Dataset()
     ds.SOPClassUID = CTImageStorage
