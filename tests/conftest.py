@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -126,12 +127,21 @@ def storage_dir(settings, tmp_path: Path) -> Iterator[Path]:
 @pytest.fixture
 def scp(transactional_db, settings) -> Iterator:
     """The archive's SCP on a free port, serving in this process, stopped after the test."""
+    from archive import storage
     from archive.dimse.server import Scp
 
+    # As runscp does: datasets are received into the process's folder on the storage
+    # filesystem (storing one is a rename), which the stop removes with any partial one.
+    saved_tempdir = tempfile.tempdir
+    tempfile.tempdir = str(storage.receive_dir())
     server = Scp(ae_title="PACSPORTAL", port=0, bind="127.0.0.1", max_associations=16)
     server.start()
-    yield server
-    server.stop(timeout=5)
+    try:
+        yield server
+    finally:
+        server.stop(timeout=5)
+        storage.discard_receive_dir()
+        tempfile.tempdir = saved_tempdir
 
 
 def dcmtk(tool: str) -> str:
