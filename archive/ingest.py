@@ -408,9 +408,11 @@ def _transaction(row: _InstanceRow, cached: tuple[int, int] | None) -> _Keys:
 
 def _add_to_known_series(conn, row: _InstanceRow, study_id: int, series_id: int) -> _Keys:
     """PostgreSQL: insert the row and count it in one statement, one transaction of its own
-    (``archive_add_instance``, migration 0006), or part of the caller's when in one."""
+    (``archive_add_instance``, migration 0006); inside a caller's transaction, under a
+    savepoint, so that a failure (a duplicate, a stale series) leaves that transaction usable."""
     statements = _sql(conn)
-    with conn.cursor() as cursor:
+    savepoint = transaction.atomic() if conn.in_atomic_block else contextlib.nullcontext()
+    with savepoint, conn.cursor() as cursor:
         cursor.execute(statements.add_instance, [study_id, row.size, *_instance_params(conn, row, series_id)])
         instance_id = cursor.fetchone()[0]
     return _Keys(instance_id, study_id, series_id, created_series=False)

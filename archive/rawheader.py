@@ -132,6 +132,9 @@ def read(data: Any, size: int) -> tuple[Header, dict[str, Any]] | None:
 
 
 class _Reader:
+    """One walk of one file: its file meta group, its data set to the pixel data (values
+    converted), then the structure of the rest (lengths checked, values skipped)."""
+
     def __init__(self, view: memoryview, size: int) -> None:
         self.view = view
         self.size = size

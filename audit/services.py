@@ -10,6 +10,7 @@ write lock (IMMEDIATE transactions) otherwise.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -76,34 +77,31 @@ _COLUMNS = (
     "time", "user", "actor", "role", "action", "channel", "outcome", "patient_id", "study_instance_uid",
     "source_address", "user_agent", "details", "previous_hash", "hash",
 )
-_sqlite_insert: tuple[str, tuple] | None = None
+
+
+@functools.cache
+def _sqlite_statements() -> tuple[str, str, tuple]:
+    """(read the last hash, insert an event, the inserted fields), built once."""
+    meta, quote = AuditEvent._meta, connection.ops.quote_name
+    fields = tuple(meta.get_field(name) for name in _COLUMNS)
+    last = f"SELECT {quote('hash')} FROM {quote(meta.db_table)} ORDER BY {quote(meta.pk.column)} DESC LIMIT 1"
+    insert = "INSERT INTO {} ({}) VALUES ({}) RETURNING {}".format(
+        quote(meta.db_table), ", ".join(quote(f.column) for f in fields), ", ".join("%s" for _ in fields), quote(meta.pk.column)
+    )
+    return last, insert, fields
 
 
 def _append_sqlite(event: AuditEvent) -> None:
     """Read the last hash and insert, in one IMMEDIATE transaction (it holds SQLite's write
     lock from its start, so no other writer comes between). Plain SQL: the ORM's insert
     costs more than the statement itself, and every access pays for it."""
-    global _sqlite_insert
-    if _sqlite_insert is None:
-        meta = AuditEvent._meta
-        fields = tuple(meta.get_field(name) for name in _COLUMNS)
-        quote = connection.ops.quote_name
-        sql = "INSERT INTO {} ({}) VALUES ({}) RETURNING {}".format(
-            quote(meta.db_table),
-            ", ".join(quote(f.column) for f in fields),
-            ", ".join("%s" for _ in fields),
-            quote(meta.pk.column),
-        )
-        _sqlite_insert = (sql, fields)
-    sql, fields = _sqlite_insert
-    meta, quote = AuditEvent._meta, connection.ops.quote_name
-    last = f"SELECT {quote('hash')} FROM {quote(meta.db_table)} ORDER BY {quote(meta.pk.column)} DESC LIMIT 1"
+    last, insert, fields = _sqlite_statements()
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(last)
         row = cursor.fetchone()
         event.previous_hash = row[0] if row else GENESIS
         event.hash = event.compute_hash(event.previous_hash)
-        cursor.execute(sql, [f.get_db_prep_save(getattr(event, f.attname), connection) for f in fields])
+        cursor.execute(insert, [f.get_db_prep_save(getattr(event, f.attname), connection) for f in fields])
         event.pk = cursor.fetchone()[0]
     event._state.adding = False
     event._state.db = connection.alias

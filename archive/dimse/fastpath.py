@@ -11,8 +11,11 @@ C-STORE of a 512 KB CT slice to a peer taking 16 KB PDUs that is 33 PDUs; for a 
 - ``PacsDUL`` waits on the socket and a wake-up socket with ``select`` instead of sleeping:
   it reads a PDU as soon as it arrives and sends a queued one at once. Its socket I/O and
   state-machine actions run under ``io_lock``.
+  It reads each PDU whole (pynetdicom reads 4 KB at a time).
 - ``PacsAssociation`` waits on its message queue instead of sleeping, so a request is
   served as soon as its last PDU is in.
+- ``PacsDIMSE`` writes C-STORE and C-ECHO responses with ``wire`` from the association's
+  thread, and a received data set's File Meta Information is written from plain values.
 - ``send_message`` writes a whole DIMSE message (or many) as P-DATA-TF PDUs with one
   ``sendmsg`` call, under ``io_lock`` and behind anything already queued for the DUL.
 - ``borrowed`` lends the association's socket to the calling thread for a run of
