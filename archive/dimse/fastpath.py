@@ -45,6 +45,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pynetdicom
@@ -264,14 +265,127 @@ class PacsDUL(DULServiceProvider):
         self._kill_thread = True
 
 
-class PacsDIMSE(DIMSEServiceProvider):
-    """pynetdicom's DIMSE provider, writing C-STORE and C-ECHO responses straight onto the
-    socket.
+class _NotFast(Exception):
+    """A message the fast C-STORE reception leaves to pynetdicom."""
 
-    Their responses (PS3.7 9.3.1.2, 9.3.5.2) are encoded with ``wire`` and sent by the
-    association's own thread, instead of being encoded with pydicom and queued for the DUL
-    thread to send. Every other message goes pynetdicom's way.
+
+class FastStore:
+    """A C-STORE-RQ read by ``PacsDIMSE`` (PS3.7 9.3.1.1): its command set, decoded by
+    ``wire``, and the Part 10 file its data set was written into as it arrived."""
+
+    def __init__(self, command: dict[str, Any], context_id: int, file: "ReceiveFile") -> None:
+        self.command = command
+        self.context_id = context_id
+        self.file = file
+
+    @property
+    def path(self) -> str:
+        return self.file.name  # type: ignore[return-value]
+
+
+class PacsDIMSE(DIMSEServiceProvider):
+    """pynetdicom's DIMSE provider, receiving C-STOREs for the archive's SCP itself and
+    writing C-STORE and C-ECHO responses straight onto the socket.
+
+    On an association accepted by an AE that stores through ``ae.pacs_store`` (the archive's
+    ``Scp``), a C-STORE-RQ's command set is decoded by ``wire`` as soon as it is complete and
+    its data set written to the receive file fragment by fragment, in the DUL thread: no
+    pydicom command set, no DIMSE message or primitive objects (PS3.7 9.3.1.1). The request
+    then goes to the association's thread as a ``FastStore``. Any other message, or a C-STORE
+    this does not take (an unknown context, a SOP class that is not a storage one, values
+    that are not plain ASCII), goes pynetdicom's way, unchanged.
+
+    Responses to C-STORE and C-ECHO (PS3.7 9.3.1.2, 9.3.5.2) are encoded with ``wire`` and
+    sent by the association's own thread, instead of being encoded with pydicom and queued
+    for the DUL thread to send. Every other message goes pynetdicom's way.
     """
+
+    def __init__(self, assoc: Any) -> None:
+        super().__init__(assoc)
+        self._held: list[Any] = []  # P-DATA primitives of a command set not yet complete
+        self._command = bytearray()
+        self._store: FastStore | None = None  # the C-STORE whose data set is arriving
+
+    def receive_primitive(self, primitive: Any) -> None:  # type: ignore[override]
+        if self._store is None and (self.message is not None or not self._takes_stores()):
+            super().receive_primitive(primitive)
+            return
+        try:
+            self._receive(primitive)
+        except _NotFast:
+            held, self._held, self._command = self._held, [], bytearray()
+            for earlier in held:
+                super().receive_primitive(earlier)
+
+    def _takes_stores(self) -> bool:
+        return self.assoc.is_acceptor and getattr(self.assoc.ae, "pacs_store", None) is not None and available(self.assoc)
+
+    def _receive(self, primitive: Any) -> None:
+        values = primitive.presentation_data_value_list
+        if self._store is None:
+            self._held.append(primitive)
+            for index, (context_id, data) in enumerate(values):
+                header = data[0]
+                if not header & 0x01:
+                    raise _NotFast()  # a data set fragment first: pynetdicom's to judge
+                self._command += data[1:]
+                if header & 0x02:
+                    try:
+                        command = wire.parse_command(self._command)
+                    except wire.WireError:
+                        raise _NotFast() from None
+                    self._store = self._start(command, context_id)
+                    self._held, self._command = [], bytearray()
+                    self._write(values[index + 1 :])
+                    return
+            return
+        self._write(values)
+
+    def _start(self, command: dict[str, Any], context_id: int) -> FastStore:
+        """The receive file of a C-STORE-RQ taken here, its File Meta Information written."""
+        context = self.assoc._accepted_cx.get(context_id)
+        sop_class = command.get("AffectedSOPClassUID") or ""
+        sop_instance = command.get("AffectedSOPInstanceUID") or ""
+        if (
+            command.get("CommandField") != wire.C_STORE_RQ
+            or command.get("CommandDataSetType", wire.NO_DATASET) == wire.NO_DATASET
+            or command.get("MessageID") is None
+            or context is None
+            or not (sop_class.isascii() and sop_instance.isascii() and sop_class and sop_instance)
+            or not _is_storage(sop_class, self.assoc)
+        ):
+            raise _NotFast()
+        meta = wire.file_meta(
+            sop_class,
+            sop_instance,
+            str(context.transfer_syntax[0]),
+            str(pynetdicom.PYNETDICOM_IMPLEMENTATION_UID),
+            pynetdicom.PYNETDICOM_IMPLEMENTATION_VERSION,
+        )
+        file = ReceiveFile()
+        file.write(b"\x00" * 128 + b"DICM" + meta)
+        return FastStore(command, context_id, file)
+
+    def _write(self, values: Any) -> None:
+        store = self._store
+        assert store is not None
+        for context_id, data in values:
+            header = data[0]
+            if header & 0x01 or context_id != store.context_id:
+                # A command fragment inside a data set, or another context: not a valid
+                # message (PS3.8 E.2). The state machine aborts on Evt19, as pynetdicom does.
+                self._store = None
+                store.file.close()
+                os.unlink(store.path)
+                log.error("a C-STORE data set was interrupted by another message fragment")
+                self.dul.event_queue.put("Evt19")
+                return
+            store.file.write(memoryview(data)[1:])
+            if header & 0x02:
+                store.file.close()
+                self._store = None
+                self.msg_queue.put((context_id, store))
+                return
 
     def send_msg(self, primitive: Any, context_id: int) -> None:  # type: ignore[override]
         command = self._fast_response(primitive) if available(self.assoc) else None
@@ -318,11 +432,17 @@ class PacsAssociation(pynetdicom_association.Association):
             self._is_paused = True
             self._reactor_checkpoint.wait()
             self._is_paused = False
+            if not self._reactor_checkpoint.is_set():
+                # Paused again since the wait returned: a thread that saw _is_paused still
+                # True is about to send a request, and its response is not ours to take.
+                continue
             try:
                 context_id, msg = self.dimse.msg_queue.get(timeout=wait)
             except queue.Empty:
                 context_id, msg = None, None
-            if msg:
+            if isinstance(msg, FastStore):
+                self._serve_store(msg)
+            elif msg:
                 self._serve_request(msg, int(context_id))
             if self.is_established and self.acse.is_release_requested():
                 self.acse.send_release(is_response=True)
@@ -352,6 +472,62 @@ class PacsAssociation(pynetdicom_association.Association):
                     self.abort()
                 self.kill()
                 return
+
+
+    def _serve_store(self, request: FastStore) -> None:
+        """A C-STORE-RQ read by ``PacsDIMSE``: stored by ``ae.pacs_store`` (which returns a
+        status code or a status dataset), answered with its C-STORE-RSP (PS3.7 9.3.1.2).
+        What pynetdicom's ``_serve_request`` and Storage SCP do, without their objects."""
+        command = request.command
+        sop_class, sop_instance = command["AffectedSOPClassUID"], command["AffectedSOPInstanceUID"]
+        path = request.path
+        try:
+            if self._sent_release:
+                log.warning("C-STORE request received during association release, ignored")
+                return
+            self.dimse.cancel_req = {}
+            self._is_paused = True
+            try:
+                result = self.ae.pacs_store(self, Path(path), sop_class, sop_instance)
+            except Exception as exc:  # noqa: BLE001 - as pynetdicom: a failing handler is 0xC211
+                log.exception("C-STORE handler failed: %s", exc)
+                result = 0xC211
+            finally:
+                self._is_paused = False
+                self.dimse.cancel_req = {}
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(path)  # the handler took it, or it is not to be kept
+        if not self.is_established:
+            return
+        if isinstance(result, int):
+            code, comment = result, None
+        else:
+            code, comment = int(result.Status), (str(result.get("ErrorComment", "")) or None)
+        response = wire.c_store_rsp(sop_class, sop_instance, command["MessageID"], code, comment=comment)
+        try:
+            send_message(self, request.context_id, response)
+        except Interrupted as exc:
+            log.warning("C-STORE response not sent: %s", exc)
+
+
+_STORAGE: dict[str, bool] = {}
+
+
+def _is_storage(sop_class_uid: str, assoc: Any) -> bool:
+    """Whether pynetdicom would serve a C-STORE of this SOP class with its Storage service
+    class (as ``_serve_request`` chooses it)."""
+    from pynetdicom import _config
+    from pynetdicom.service_class import StorageServiceClass
+    from pynetdicom.sop_class import uid_to_service_class
+
+    if _config.UNRESTRICTED_STORAGE_SERVICE or sop_class_uid in assoc.acceptor.accepted_common_extended:
+        return False
+    found = _STORAGE.get(sop_class_uid)
+    if found is None:
+        found = uid_to_service_class(sop_class_uid) is StorageServiceClass
+        _STORAGE[sop_class_uid] = found
+    return found
 
 
 class ReceiveFile(io.FileIO):

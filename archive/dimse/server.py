@@ -7,6 +7,7 @@ says what it did.
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import threading
@@ -40,7 +41,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from archive.dimse import move
 from archive.dimse.find import handle_find
 from archive.dimse.move import RETRIEVE_MODELS
-from archive.dimse.store import AssociationStats, InFlight, handle_store
+from archive.dimse.store import AssociationStats, InFlight, handle_store, store_file
 from archive.dimse.nodes import audit_stores, node_access_for
 from archive.ingest import announce_series
 
@@ -215,6 +216,9 @@ class Scp:
         for context in AllStoragePresentationContexts:
             # scp_role: a C-GET requester may take the Storage SCP role (PS3.7 D.3.3.4).
             ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES, scu_role=False, scp_role=True)
+        # C-STOREs read by the fast path (archive.dimse.fastpath.PacsDIMSE) are stored here,
+        # as EVT_C_STORE's handler stores those pynetdicom reads.
+        ae.pacs_store = functools.partial(store_file, stats_for=self.stats_for, in_flight=self.in_flight)
         self.ae = ae
 
     @property

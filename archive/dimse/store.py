@@ -7,6 +7,7 @@ import threading
 import time
 from pathlib import Path
 from dataclasses import dataclass, field
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import events
@@ -83,31 +84,43 @@ class InFlight:
             return self._idle.wait_for(lambda: self._count == 0, timeout)
 
 
-def source_of(event: events.Event) -> Source:
-    requestor = event.assoc.requestor
+def source_of(assoc: Any) -> Source:
+    requestor = assoc.requestor
     return Source(channel="dimse", ae_title=str(requestor.ae_title).strip(), address=str(requestor.address))
 
 
 def handle_store(event: events.Event, stats_for, in_flight: InFlight) -> int | Dataset:
     """EVT_C_STORE: store the dataset pynetdicom wrote to ``event.dataset_path``."""
+    request = event.request
+    return store_file(
+        event.assoc,
+        Path(event.dataset_path),
+        str(request.AffectedSOPClassUID or ""),
+        str(request.AffectedSOPInstanceUID or ""),
+        stats_for,
+        in_flight,
+    )
+
+
+def store_file(
+    assoc: Any, path: Path, sop_class_uid: str, sop_instance_uid: str, stats_for, in_flight: InFlight
+) -> int | Dataset:
+    """Store the received Part 10 file at ``path`` (PS3.4 B.2.2, the C-STORE SCP) and return
+    the response's status: a code, or a status dataset with an Error Comment."""
     if not in_flight.begin():
-        Path(event.dataset_path).unlink(missing_ok=True)
-        stats_for(event.assoc).count(Outcome.OUT_OF_RESOURCES)
+        path.unlink(missing_ok=True)
+        stats_for(assoc).count(Outcome.OUT_OF_RESOURCES)
         return _failure(status.OUT_OF_RESOURCES, "the archive is shutting down; send again later")
     started = time.perf_counter()
-    stats = stats_for(event.assoc)
+    stats = stats_for(assoc)
     if not stats.may_store:
         in_flight.end()
-        Path(event.dataset_path).unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
         stats.count(Outcome.REJECTED)
         return _failure(status.NOT_AUTHORIZED, f"calling AE title {stats.calling_ae} may not store")
     try:
-        request = event.request
-        expected = Expected(
-            sop_class_uid=str(request.AffectedSOPClassUID or ""),
-            sop_instance_uid=str(request.AffectedSOPInstanceUID or ""),
-        )
-        result = ingest_file(event.dataset_path, source_of(event), take=True, expected=expected)
+        expected = Expected(sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid)
+        result = ingest_file(path, source_of(assoc), take=True, expected=expected)
     finally:
         in_flight.end()
     stats.count(result.outcome, time.perf_counter() - started, result.series_id)
@@ -116,7 +129,7 @@ def handle_store(event: events.Event, stats_for, in_flight: InFlight) -> int | D
         return code
     log.warning(
         "C-STORE from %s failed (0x%04X): %s [SOP Instance %s]",
-        event.assoc.requestor.ae_title,
+        assoc.requestor.ae_title,
         code,
         result.reason,
         result.sop_instance_uid or expected.sop_instance_uid,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import threading
+import time
 from pathlib import Path
 
 import pydicom
@@ -16,7 +18,7 @@ from pynetdicom.sop_class import Verification
 from pydicom.uid import ExplicitVRLittleEndian
 
 from archive import ingest, storage
-from archive.dimse import status
+from archive.dimse import status, wire
 from archive.dimse.server import Scp
 from archive.models import Instance, Patient, Series, Study
 from tests.archive.test_ingest import assert_consistent
@@ -282,3 +284,68 @@ def test_associations_share_the_supported_contexts_without_changing_them(scp: Sc
     assoc.release()
     after = [(c.abstract_syntax, list(c.transfer_syntax), c.scu_role, c.scp_role, c.context_id) for c in scp.server.contexts]
     assert scp.server.contexts is shared and after == before
+
+
+def test_c_stores_are_read_by_the_fast_path_and_kept_byte_for_byte(
+    scp: Scp, storage_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    from archive.dimse import fastpath
+
+    taken = []
+    start = fastpath.PacsDIMSE._start
+
+    def counting(self, command, context_id):
+        store = start(self, command, context_id)
+        taken.append(command["AffectedSOPInstanceUID"])
+        return store
+
+    monkeypatch.setattr(fastpath.PacsDIMSE, "_start", counting)
+    files = [write_part10(make_dataset(modality=m, rows=64, columns=64), tmp_path / f"{m}.dcm") for m in ("CT", "MR")]
+    result = run_dcmtk("storescu", "-aec", "PACSPORTAL", "127.0.0.1", str(scp.port), *map(str, files))
+    assert result.returncode == 0, result.stderr
+    # On one association: a C-ECHO and a C-FIND between C-STOREs still go pynetdicom's way.
+    assoc = associate(scp, contexts=[SOP_FOR_MODALITY["US"], "1.2.840.10008.5.1.4.1.2.2.1"])
+    us = make_dataset(modality="US")
+    assert assoc.send_c_store(us).Status == status.SUCCESS
+    assert assoc.send_c_echo().Status == status.SUCCESS
+    query = pydicom.Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = us.StudyInstanceUID
+    answers = [ds for code, ds in assoc.send_c_find(query, "1.2.840.10008.5.1.4.1.2.2.1") if code and code.Status == 0xFF00]
+    assert len(answers) == 1
+    assert assoc.send_c_store(make_dataset(modality="US", study_uid=us.StudyInstanceUID)).Status == status.SUCCESS
+    assoc.release()
+    assert len(taken) == 4 and Instance.objects.count() == 4
+    for path in files:
+        sent = path.read_bytes()
+        uid = pydicom.dcmread(path).SOPInstanceUID
+        stored = storage.absolute(Instance.objects.get(sop_instance_uid=uid).file_path).read_bytes()
+        # The data set exactly as sent, after File Meta Information that pydicom reads back.
+        assert stored[wire.dataset_offset(stored) :] == sent[wire.dataset_offset(sent) :]
+        meta = pydicom.dcmread(io.BytesIO(stored)).file_meta
+        assert (meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID) == (uid, ExplicitVRLittleEndian)
+    assert_consistent(storage_dir)
+
+
+def test_a_data_set_cut_by_another_message_aborts_and_leaves_no_file(scp: Scp, storage_dir: Path) -> None:
+    from archive.dimse import fastpath
+
+    assoc = associate(scp, contexts=[SOP_FOR_MODALITY["CT"]])
+    context_id = next(cx.context_id for cx in assoc.accepted_contexts if cx.abstract_syntax == SOP_FOR_MODALITY["CT"])
+    ds = make_dataset()
+    command = wire.c_store_rq(ds.SOPClassUID, ds.SOPInstanceUID, 1)
+
+    def pdu(header: int, value: bytes) -> bytes:
+        return wire.PDU_HEADER.pack(wire.P_DATA_TF, 0, 6 + len(value)) + wire.PDV_HEADER.pack(2 + len(value), context_id, header) + value
+
+    with fastpath.borrowed(assoc) as channel:
+        # The command, a first (not last) data set fragment, then a command fragment instead of the rest.
+        channel.sock.sendall(pdu(0x03, command) + pdu(0x00, b"\x08\x00\x05\x00CS\x0a\x00ISO_IR 100") + pdu(0x03, command))
+        with pytest.raises(fastpath.Interrupted):
+            channel.receive()  # the SCP aborts (PS3.8 9.3.8): no response comes
+    deadline = time.monotonic() + 5
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert assoc.is_aborted
+    assert Instance.objects.count() == 0
+    assert [p for p in storage.receive_dir().iterdir()] == []
