@@ -14,8 +14,11 @@ C-STORE of a 512 KB CT slice to a peer taking 16 KB PDUs that is 33 PDUs; for a 
   It reads each PDU whole (pynetdicom reads 4 KB at a time).
 - ``PacsAssociation`` waits on its message queue instead of sleeping, so a request is
   served as soon as its last PDU is in.
-- ``PacsDIMSE`` writes C-STORE and C-ECHO responses with ``wire`` from the association's
-  thread, and a received data set's File Meta Information is written from plain values.
+- ``PacsDIMSE`` receives C-STOREs for an AE with a ``pacs_store`` (the archive's ``Scp``)
+  itself: the command set decoded by ``wire``, the data set written to the receive file as
+  it arrives, the request stored and answered by the association's thread. It writes
+  C-STORE and C-ECHO responses with ``wire`` from the association's thread; elsewhere a
+  received data set's File Meta Information is written from plain values.
 - ``send_message`` writes a whole DIMSE message (or many) as P-DATA-TF PDUs with one
   ``sendmsg`` call, under ``io_lock`` and behind anything already queued for the DUL.
 - ``borrowed`` lends the association's socket to the calling thread for a run of
@@ -25,7 +28,8 @@ C-STORE of a 512 KB CT slice to a peer taking 16 KB PDUs that is 33 PDUs; for a 
 
 Everything else (association negotiation, the state machine, release, abort, timeouts,
 every other service) stays pynetdicom's. Messages that go the fast way do not trigger
-pynetdicom's EVT_PDU_SENT, EVT_DIMSE_SENT, EVT_PDU_RECV or EVT_DIMSE_RECV notifications.
+pynetdicom's EVT_PDU_SENT, EVT_DIMSE_SENT, EVT_PDU_RECV or EVT_DIMSE_RECV notifications, and
+a C-STORE received the fast way calls ``ae.pacs_store`` instead of EVT_C_STORE's handlers.
 ``install()`` makes pynetdicom build its associations from these classes; it is written
 against pynetdicom 3.0 (pinned in requirements.txt) and refuses any other major version.
 """
