@@ -17,7 +17,7 @@ from pydicom.data import get_testdata_file
 from archive import ingest, storage
 from archive.ingest import Expected, Outcome, Source, ingest_bytes, ingest_dataset, ingest_file
 from archive.models import Instance, Patient, Series, Study
-from tests.conftest import make_dataset, part10, write_part10
+from tests.conftest import make_dataset, part10
 
 SOURCE = Source(channel="import")
 
