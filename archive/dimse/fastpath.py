@@ -59,7 +59,7 @@ from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
-from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT, A_RELEASE
+from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT, A_RELEASE, P_DATA
 
 from archive.dimse import wire
 
@@ -122,6 +122,34 @@ class _UserQueue(queue.Queue):
         dimse = getattr(self._assoc, "dimse", None)
         if dimse is not None and isinstance(item, (A_RELEASE, A_ABORT, A_P_ABORT)):
             dimse.msg_queue.put((None, None))  # read as "no message": the reactor checks the rest
+
+
+class _ReceivedPData:
+    """A received P-DATA-TF (PS3.8 9.3.5) as the state machine takes it from the DUL: what
+    its ``to_primitive()`` gives, each PDV as pynetdicom keeps it (context ID, then the
+    message control header and the fragment), one copy of the bytes instead of pynetdicom's
+    PDU and PDV item objects."""
+
+    __slots__ = ("_primitive",)
+
+    def __init__(self, primitive: P_DATA) -> None:
+        self._primitive = primitive
+
+    @classmethod
+    def of(cls, data: bytearray) -> "_ReceivedPData | None":
+        """The PDU in ``data`` (its 6-byte header included), or None when its PDVs are
+        malformed (pynetdicom's decoder then says so)."""
+        try:
+            values = [(context_id, bytes((header,)) + value) for context_id, header, value in wire.iter_pdvs(memoryview(data)[6:])]
+        except wire.WireError:
+            return None
+        primitive = P_DATA()
+        primitive.presentation_data_value_list = []  # then (ID, bytes) tuples, as pynetdicom's to_primitive
+        primitive.presentation_data_value_list.extend(values)
+        return cls(primitive)
+
+    def to_primitive(self) -> P_DATA:
+        return self._primitive
 
 
 class PacsDUL(DULServiceProvider):
@@ -193,6 +221,11 @@ class PacsDUL(DULServiceProvider):
         if len(data) != 6 + length:
             log.error("the received PDU is shorter than expected (%d of %d bytes)", len(data), 6 + length)
             self.event_queue.put("Evt17")
+            return
+        pdu = _ReceivedPData.of(data) if pdu_type == wire.P_DATA_TF else None
+        if pdu is not None:
+            self.event_queue.put("Evt10")  # P-DATA-TF received
+            self._recv_pdu.put(pdu)
             return
         try:
             pdu, event = self._decode_pdu(data)

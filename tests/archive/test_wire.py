@@ -156,6 +156,23 @@ def test_the_received_files_meta_is_what_pydicom_writes(sop_instance, syntax) ->
     assert not isinstance(fastpath._create_file_meta(**{**kwargs, "sop_instance_uid": ""}), fastpath._FileMeta)
 
 
+@pytest.mark.parametrize("size", [300, 40000])
+def test_a_received_p_data_tf_gives_the_primitive_pynetdicom_gives(size) -> None:
+    from archive.dimse import fastpath
+
+    command = wire.c_store_rq(CTImageStorage, "1.2.3.4", 1)
+    buffers = wire.pdus(5, command, bytes(range(256)) * (size // 256), 16384)
+    for i in range(0, len(buffers), 2):
+        raw = bytearray(buffers[i] + bytes(buffers[i + 1]))
+        theirs = P_DATA_TF()
+        theirs.decode(bytes(raw))
+        ours = fastpath._ReceivedPData.of(raw)
+        assert ours.to_primitive().presentation_data_value_list == theirs.to_primitive().presentation_data_value_list
+    cut = bytearray(buffers[0] + bytes(buffers[1]))
+    cut[6:10] = (10**6).to_bytes(4, "big")  # a PDV longer than its PDU: left to pynetdicom
+    assert fastpath._ReceivedPData.of(cut) is None
+
+
 def test_the_data_set_starts_after_the_file_meta(tmp_path) -> None:
     ds = Dataset()
     ds.SOPClassUID = CTImageStorage
