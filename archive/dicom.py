@@ -8,6 +8,7 @@ channel (C-STORE, STOW-RS, upload, import) can share them and tests can call the
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import math
 import os
 import re
@@ -309,21 +310,15 @@ def extract_header(ds: Dataset) -> Header:
     return _header(ds.get, "Rows" in ds, str(meta.get("TransferSyntaxUID", "")))
 
 
-# The attributes extract_header reads, by keyword.
-_HEADER_KEYWORDS = (
-    "PatientName PatientID IssuerOfPatientID PatientBirthDate PatientSex StudyInstanceUID AccessionNumber "
-    "StudyDate StudyTime StudyDescription ReferringPhysicianName StudyID InstitutionName SeriesInstanceUID "
-    "SeriesNumber Modality SeriesDescription BodyPartExamined ProtocolName SeriesDate SeriesTime StationName "
-    "SOPInstanceUID SOPClassUID InstanceNumber Rows Columns BitsAllocated NumberOfFrames ImagePositionPatient "
-    "ImageOrientationPatient SliceLocation SpecificCharacterSet"
-).split()
-_HEADER_TAGS = {keyword: int(tag_for_keyword(keyword)) for keyword in _HEADER_KEYWORDS}
+@functools.cache
+def _tag(keyword: str) -> int:
+    return int(tag_for_keyword(keyword))
 
 
 def header_from_values(values: dict[int, Any], transfer_syntax: str) -> Header:
     """``extract_header`` for values already decoded (``archive.rawheader``): top-level
     tag -> the value as pydicom would give it."""
-    return _header(lambda keyword: values.get(_HEADER_TAGS[keyword]), _HEADER_TAGS["Rows"] in values, transfer_syntax)
+    return _header(lambda keyword: values.get(_tag(keyword)), _tag("Rows") in values, transfer_syntax)
 
 
 def _header(get: Getter, has_rows: bool, transfer_syntax: str) -> Header:

@@ -510,8 +510,7 @@ def _insert_instance(conn, row: _InstanceRow, series_id: int) -> int:
     """Insert the instance's row; return its primary key.
 
     Plain SQL on the hot path (one call per stored instance): the ORM's save costs ten
-    times the statement itself. Values go through each field's own database conversion,
-    but for the header, whose JSON text is made here once.
+    times the statement itself.
     """
     with conn.cursor() as cursor:
         cursor.execute(_sql(conn).insert, _instance_params(conn, row, series_id))
@@ -519,7 +518,8 @@ def _insert_instance(conn, row: _InstanceRow, series_id: int) -> int:
 
 
 def _instance_params(conn, row: _InstanceRow, series_id: int) -> list:
-    """The values of ``_INSTANCE_COLUMNS`` for the row, ready for the database."""
+    """The values of ``_INSTANCE_COLUMNS`` for the row, ready for the database: each
+    through its field's own conversion, but for the header, whose JSON text is made once."""
     values = {
         **row.header.instance,
         "series": series_id,

@@ -17,8 +17,7 @@ C-STORE of a 512 KB CT slice to a peer taking 16 KB PDUs that is 33 PDUs; for a 
 - ``PacsDIMSE`` receives C-STOREs for an AE with a ``pacs_store`` (the archive's ``Scp``)
   itself: the command set decoded by ``wire``, the data set written to the receive file as
   it arrives, the request stored and answered by the association's thread. It writes
-  C-STORE and C-ECHO responses with ``wire`` from the association's thread; elsewhere a
-  received data set's File Meta Information is written from plain values.
+  C-STORE and C-ECHO responses with ``wire`` from the association's thread.
 - ``send_message`` writes a whole DIMSE message (or many) as P-DATA-TF PDUs with one
   ``sendmsg`` call, under ``io_lock`` and behind anything already queued for the DUL.
 - ``borrowed`` lends the association's socket to the calling thread for a run of
@@ -581,51 +580,6 @@ class ReceiveFile(io.FileIO):
         return self
 
 
-class _FileMeta(tuple):
-    """The File Meta Information values of a data set being received, for ``_write_file_meta``."""
-
-
-def _create_file_meta(
-    *,
-    sop_class_uid: Any,
-    sop_instance_uid: Any,
-    transfer_syntax: Any,
-    implementation_uid: Any = None,
-    implementation_version: Any = None,
-) -> Any:
-    """pynetdicom's ``create_file_meta`` for a received C-STORE data set, as plain values;
-    pydicom's dataset for values ``wire.file_meta`` does not write (empty, not ASCII)."""
-    from pynetdicom import dsutils
-
-    values = (
-        str(sop_class_uid or ""),
-        str(sop_instance_uid or ""),
-        str(transfer_syntax or ""),
-        str(implementation_uid or pynetdicom.PYNETDICOM_IMPLEMENTATION_UID),
-        str(implementation_version or pynetdicom.PYNETDICOM_IMPLEMENTATION_VERSION),
-    )
-    if all(value and value.isascii() for value in values) and len(values[4]) <= 16:
-        return _FileMeta(values)
-    return dsutils.create_file_meta(
-        sop_class_uid=sop_class_uid,
-        sop_instance_uid=sop_instance_uid,
-        transfer_syntax=transfer_syntax,
-        implementation_uid=values[3],
-        implementation_version=values[4],
-    )
-
-
-def _write_file_meta(fp: Any, file_meta: Any, enforce_standard: bool = True) -> None:
-    """pydicom's ``write_file_meta_info`` for what ``_create_file_meta`` made: the same bytes
-    (tests/archive/test_wire.py), without building and encoding a pydicom dataset."""
-    if isinstance(file_meta, _FileMeta):
-        fp.write(wire.file_meta(*file_meta))
-        return
-    from pydicom.filewriter import write_file_meta_info
-
-    write_file_meta_info(fp, file_meta, enforce_standard)
-
-
 def install() -> None:
     """Make pynetdicom build every association (acceptor and requestor) from
     ``PacsAssociation`` with a ``PacsDUL``, and receive data sets into ``ReceiveFile``s."""
@@ -635,8 +589,6 @@ def install() -> None:
     from pynetdicom import dimse_messages
 
     dimse_messages.NamedTemporaryFile = ReceiveFile
-    dimse_messages.create_file_meta = _create_file_meta  # only used for received C-STORE data sets
-    dimse_messages.write_file_meta_info = _write_file_meta
 
     pynetdicom_association.DULServiceProvider = PacsDUL  # built by Association.__init__
     pynetdicom_association.DIMSEServiceProvider = PacsDIMSE
