@@ -227,7 +227,7 @@ class _Reader:
                 encoding = _codec(raw)
             elif vr == "PN" or vr in _SPLIT_TEXT_VRS or vr in _SINGLE_TEXT_VRS:
                 text_seen = True
-            value, element = _convert(tag, vr, raw, encoding)
+            value, element = _converted(tag, vr, raw, encoding)
             if top:
                 self.values[tag] = value
             out[f"{tag:08X}"] = element
@@ -325,6 +325,29 @@ def _json(vr: str, values: list[Any]) -> dict[str, Any]:
 
 def _single(values: list[Any]) -> Any:
     return values[0] if len(values) == 1 else values
+
+
+# Conversions of short values seen lately: the instances of a series repeat most of their
+# header (patient, study, series, equipment, geometry) byte for byte, and converting and
+# validating those values again was most of the walk. The cached values and JSON elements
+# are shared between headers, so nothing may change them (nothing does: they are read,
+# indexed and serialized).
+_SEEN: dict[tuple[int, str, bytes, str], tuple[Any, dict[str, Any]]] = {}
+_SEEN_LIMIT = 8192
+_SEEN_VALUE_LIMIT = 256  # bytes; longer values are converted each time
+
+
+def _converted(tag: int, vr: str, raw: bytes, encoding: str) -> tuple[Any, dict[str, Any]]:
+    """``_convert``, answered from the conversions seen lately when it can be."""
+    key = (tag, vr, raw, encoding)
+    answer = _SEEN.get(key)
+    if answer is None:
+        answer = _convert(tag, vr, raw, encoding)
+        if len(raw) <= _SEEN_VALUE_LIMIT:
+            if len(_SEEN) >= _SEEN_LIMIT:
+                _SEEN.clear()  # simpler than an LRU, and a series refills it in one instance
+            _SEEN[key] = answer
+    return answer
 
 
 def _convert(tag: int, vr: str, raw: bytes, encoding: str) -> tuple[Any, dict[str, Any]]:
