@@ -32,6 +32,7 @@ from django.db import DEFAULT_DB_ALIAS, DatabaseError, IntegrityError, Operation
 from django.db.models import F
 from django.dispatch import Signal
 from django.utils import timezone
+from psycopg import Cursor as PgCursor
 from pydicom.dataset import Dataset
 from pydicom.filewriter import dcmwrite
 
@@ -393,6 +394,8 @@ def _transaction(row: _InstanceRow, cached: tuple[int, int] | None) -> _Keys:
     conn = connections[DEFAULT_DB_ALIAS]  # looked up once: the proxy costs on every use
     if cached is not None and conn.vendor == "postgresql":
         return _add_to_known_series(conn, row, *cached)
+    if cached is not None and conn.vendor == "sqlite" and not conn.in_atomic_block:
+        return _add_to_known_series_sqlite(conn, row, *cached)
     with _writer_lock(conn), transaction.atomic():
         if cached is not None:
             study_id, series_id = cached
@@ -411,10 +414,40 @@ def _add_to_known_series(conn, row: _InstanceRow, study_id: int, series_id: int)
     (``archive_add_instance``, migration 0006); inside a caller's transaction, under a
     savepoint, so that a failure (a duplicate, a stale series) leaves that transaction usable."""
     statements = _sql(conn)
+    params = [study_id, row.size, *_instance_params(conn, row, series_id)]
     savepoint = transaction.atomic() if conn.in_atomic_block else contextlib.nullcontext()
-    with savepoint, conn.cursor() as cursor:
-        cursor.execute(statements.add_instance, [study_id, row.size, *_instance_params(conn, row, series_id)])
-        instance_id = cursor.fetchone()[0]
+    with savepoint:
+        conn.ensure_connection()
+        # psycopg's own cursor under Django's error translation, not Django's cursor: the
+        # parameters are bound by the server (Django binds them on the client, quoting the
+        # header's JSON into the statement text) and the statement is prepared once per
+        # connection.
+        with conn.wrap_database_errors, PgCursor(conn.connection) as cursor:
+            cursor.execute(statements.add_instance, params, prepare=True)
+            instance_id = cursor.fetchone()[0]
+    return _Keys(instance_id, study_id, series_id, created_series=False)
+
+
+def _add_to_known_series_sqlite(conn, row: _InstanceRow, study_id: int, series_id: int) -> _Keys:
+    """SQLite, outside any transaction of the caller: the insert and the two counts in one
+    IMMEDIATE transaction on the sqlite3 connection itself (Django's transaction and cursor
+    machinery cost more than the three statements), under Django's error translation."""
+    statements = _sql(conn)
+    params = _instance_params(conn, row, series_id)
+    with _writer_lock(conn):
+        conn.ensure_connection()
+        raw = conn.connection
+        with conn.wrap_database_errors:
+            raw.execute("BEGIN IMMEDIATE")
+            try:
+                instance_id = raw.execute(statements.insert_qmark, params).fetchone()[0]
+                raw.execute(statements.count_study_qmark, (1, row.size, study_id))
+                raw.execute(statements.count_series_qmark, (1, row.size, series_id))
+                raw.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    raw.execute("ROLLBACK")
+                raise
     return _Keys(instance_id, study_id, series_id, created_series=False)
 
 
@@ -424,9 +457,14 @@ class _Statements:
 
     insert: str
     fields: tuple
+    prepare: tuple  # per field: its value -> the database's (None: the value as it is)
     count_study: str
     count_series: str
     add_instance: str  # PostgreSQL only: archive_add_instance(study, size, *instance columns)
+    # SQLite only: the statements above with sqlite3's own placeholders
+    insert_qmark: str = ""
+    count_study_qmark: str = ""
+    count_series_qmark: str = ""
 
 
 _statements: dict[str, _Statements] = {}
@@ -485,22 +523,28 @@ def _sql(conn) -> _Statements:
         )
         count = "UPDATE {t} SET {n} = {n} + %s, {b} = {b} + %s WHERE {pk} = %s"
         casts = ["%s::bigint", "%s::bigint"] + [f"%s::{_PG_TYPES[f.get_internal_type()]}" for f in fields]
+        count_study = count.format(
+            t=quote(Study._meta.db_table),
+            n=quote("number_of_study_related_instances"),
+            b=quote("study_size"),
+            pk=quote(Study._meta.pk.column),
+        )
+        count_series = count.format(
+            t=quote(Series._meta.db_table),
+            n=quote("number_of_series_related_instances"),
+            b=quote("series_size"),
+            pk=quote(Series._meta.pk.column),
+        )
         statements = _Statements(
             add_instance=f"SELECT archive_add_instance({', '.join(casts)})",
             insert=insert,
             fields=fields,
-            count_study=count.format(
-                t=quote(Study._meta.db_table),
-                n=quote("number_of_study_related_instances"),
-                b=quote("study_size"),
-                pk=quote(Study._meta.pk.column),
-            ),
-            count_series=count.format(
-                t=quote(Series._meta.db_table),
-                n=quote("number_of_series_related_instances"),
-                b=quote("series_size"),
-                pk=quote(Series._meta.pk.column),
-            ),
+            prepare=tuple(_preparer(field) for field in fields),
+            count_study=count_study,
+            count_series=count_series,
+            insert_qmark=insert.replace("%s", "?"),
+            count_study_qmark=count_study.replace("%s", "?"),
+            count_series_qmark=count_series.replace("%s", "?"),
         )
         _statements[conn.vendor] = statements
     return statements
@@ -518,8 +562,9 @@ def _insert_instance(conn, row: _InstanceRow, series_id: int) -> int:
 
 
 def _instance_params(conn, row: _InstanceRow, series_id: int) -> list:
-    """The values of ``_INSTANCE_COLUMNS`` for the row, ready for the database: each
-    through its field's own conversion, but for the header, whose JSON text is made once."""
+    """The values of ``_INSTANCE_COLUMNS`` for the row, ready for the database: dates and
+    JSON through their fields' own conversion, but for the header, whose JSON text is made
+    once (``_preparer``)."""
     values = {
         **row.header.instance,
         "series": series_id,
@@ -531,10 +576,40 @@ def _instance_params(conn, row: _InstanceRow, series_id: int) -> list:
         "source_address": row.source.address[:64],
         "created": timezone.now(),
     }
-    return [
-        field.get_db_prep_save(values[field.name], conn) if field.name != "metadata" else _json_text(row.metadata)
-        for field in _sql(conn).fields
-    ]
+    statements = _sql(conn)
+    params = []
+    for field, prepare in zip(statements.fields, statements.prepare):
+        value = values[field.name]
+        if field.name == "metadata":
+            value = _json_text(row.metadata)
+        elif prepare is not None and value is not None:
+            value = prepare(value, conn)
+        params.append(value)
+    return params
+
+
+# Field types whose values (str, int, float, as the header gives them) go to the database
+# as they are: their get_db_prep_save returns them unchanged (or, on PostgreSQL, wrapped
+# for a type that the hot path's statements state with casts).
+_PLAIN_TYPES = {
+    "CharField",
+    "IntegerField",
+    "PositiveSmallIntegerField",
+    "SmallIntegerField",
+    "PositiveIntegerField",
+    "BigIntegerField",
+    "PositiveBigIntegerField",
+    "FloatField",
+    "ForeignKey",
+}
+
+
+def _preparer(field):
+    """How one of ``_INSTANCE_COLUMNS`` gets its database value: None when the value goes as
+    it is, else the field's own ``get_db_prep_save`` (dates, JSON)."""
+    if field.get_internal_type() in _PLAIN_TYPES:
+        return None
+    return field.get_db_prep_save
 
 
 def _json_text(data: dict) -> str:

@@ -220,6 +220,12 @@ def test_indexing_that_fails_after_the_file_is_in_place_removes_it(storage_dir: 
         statements = ingest._sql(connection)
         failing = f"SELECT x FROM ({statements.add_instance} AS x OFFSET 0) s WHERE x / (x - x) > 0"
         monkeypatch.setitem(ingest._statements, "postgresql", dataclasses.replace(statements, add_instance=failing))
+    elif warm_cache:
+        # The insert and the counts on the sqlite3 connection itself: the series' count
+        # fails after the insert, which must be rolled back with it.
+        statements = ingest._sql(connection)
+        failing = "UPDATE archive_no_such_table SET n = n + ?, b = b + ? WHERE id = ?"
+        monkeypatch.setitem(ingest._statements, "sqlite", dataclasses.replace(statements, count_series_qmark=failing))
     else:
         monkeypatch.setattr(ingest, "_count", lost)
     result = ingest_dataset(make_dataset(study_uid=study_uid, series_uid=series_uid), SOURCE)
