@@ -103,6 +103,9 @@ if _db["ENGINE"] == "django.db.backends.sqlite3":
             "timeout": 30,
         }
     )
+    if envbool("PACS_DB_POOL", False):
+        # runscp: connections kept for the next association's thread (pacsportal.sqlite3).
+        _db["ENGINE"] = "pacsportal.sqlite3"
     # Tests run threads (the SCP) beside the test: they need a file, not :memory:.
     _db["TEST"] = {"NAME": str(VAR_DIR / "test.sqlite3")}
 DATABASES = {"default": _db}

@@ -319,6 +319,7 @@ def test_c_find_follows_the_nodes_rights_and_scope(dimse_world) -> None:
     assert find_studies(scp, "UNKNOWN") == ({"IN", "OUT"}, status.SUCCESS)  # PACS_QR_KNOWN_NODES_ONLY is off
     assert find_studies(scp, "NORIGHTS") == (set(), status.NOT_AUTHORIZED)
     assert find_studies(scp, "CARDIO") == ({"IN"}, status.SUCCESS)
+    scp.audit.flush()  # the SCP writes its audit events in a thread of its own
     denied = AuditEvent.objects.filter(action="query", outcome="denied", actor="NORIGHTS")
     assert denied.count() == 1 and denied.get().channel == "dimse"
     assert AuditEvent.objects.filter(action="query", outcome="success", actor="CARDIO").get().details["answers"] == 1
@@ -330,6 +331,7 @@ def test_c_get_follows_the_nodes_rights_and_scope(dimse_world) -> None:
     assert get_study(scp, "NORIGHTS", inside["study"].study_instance_uid) == (status.NOT_AUTHORIZED, 0)
     assert get_study(scp, "CARDIO", inside["study"].study_instance_uid) == (status.SUCCESS, 1)
     assert get_study(scp, "CARDIO", outside["study"].study_instance_uid) == (status.SUCCESS, 0)  # out of scope: no match
+    scp.audit.flush()
     event = AuditEvent.objects.filter(action="retrieve", actor="FULL").get()
     assert event.study_instance_uid == outside["study"].study_instance_uid and event.details["instances"] == 1
 
@@ -338,6 +340,7 @@ def test_c_move_refuses_a_node_without_the_right(dimse_world) -> None:
     scp, inside = dimse_world["scp"], dimse_world["in"]
     assert move_study(scp, "NORIGHTS", inside["study"].study_instance_uid, "FULL") == status.NOT_AUTHORIZED
     assert move_study(scp, "FULL", inside["study"].study_instance_uid, "NORIGHTS") == status.MOVE_DESTINATION_UNKNOWN
+    scp.audit.flush()
     assert AuditEvent.objects.filter(action="retrieve", actor="NORIGHTS", outcome="denied").count() == 1
 
 

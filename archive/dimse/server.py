@@ -42,7 +42,7 @@ from archive.dimse import move
 from archive.dimse.find import handle_find
 from archive.dimse.move import RETRIEVE_MODELS
 from archive.dimse.store import AssociationStats, InFlight, handle_store, store_file
-from archive.dimse.nodes import audit_stores, node_access_for
+from archive.dimse.nodes import AuditWriter, audit_stores, node_access_for
 from archive.ingest import announce_series
 
 log = logging.getLogger("archive.dimse")
@@ -219,6 +219,8 @@ class Scp:
         # C-STOREs read by the fast path (archive.dimse.fastpath.PacsDIMSE) are stored here,
         # as EVT_C_STORE's handler stores those pynetdicom reads.
         ae.pacs_store = functools.partial(store_file, stats_for=self.stats_for, in_flight=self.in_flight)
+        # The associations' audit events (archive.dimse.nodes.audit_dimse) are written here.
+        self.audit = ae.pacs_audit = AuditWriter()
         self.ae = ae
 
     @property
@@ -309,6 +311,10 @@ class Scp:
         server.shutdown()  # stops accepting and closes the listening socket
         if not self.in_flight.close(timeout):
             log.warning("stores still running after %.0f s", timeout)
-        for assoc in server.active_associations:
+        aborted = list(server.active_associations)
+        for assoc in aborted:
             assoc.abort()
+        for assoc in aborted:
+            assoc.join(2.0)  # their end's audit events (EVT_ABORTED) go to the writer first
+        self.audit.stop()
         self.server = None

@@ -187,3 +187,28 @@ def test_known_nodes_only_refuses_unknown_and_unentitled_callers(qr, settings) -
         assert calling in final.ErrorComment
     answers, final = c_find(qr, "STUDY", {"StudyInstanceUID": ""}, calling="READING")
     assert len(answers) == 5 and final.Status == status.SUCCESS
+
+
+def test_the_audit_event_follows_the_answers_and_is_written_by_the_stop(qr, monkeypatch) -> None:
+    """The SCP's audit writer takes a C-FIND's event when its answers are known: the answers
+    do not wait for the write, and a stop writes what is still queued."""
+    import threading
+
+    from archive.dimse import nodes
+    from audit.models import AuditEvent
+
+    gate = threading.Event()
+    real = nodes._write
+
+    def held(action, event):
+        gate.wait(30)
+        real(action, event)
+
+    monkeypatch.setattr(nodes, "_write", held)
+    answers, final = c_find(qr, "STUDY", {"AccessionNumber": "A100", "StudyInstanceUID": ""}, calling="AUDITED")
+    assert len(answers) == 1 and final.Status == status.SUCCESS  # answered while the write waits
+    assert not AuditEvent.objects.filter(actor="AUDITED").exists()
+    gate.set()
+    qr.stop(timeout=5)
+    event = AuditEvent.objects.get(actor="AUDITED", action="query")
+    assert event.channel == "dimse" and event.details["answers"] == 1 and event.details["keys"]["AccessionNumber"] == "A100"
