@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -111,6 +112,10 @@ class AuditWriter:
         try:
             while True:
                 item = self._queue.get()
+                # Let the association that queued the event send its answers first: the
+                # write takes the interpreter lock for most of a millisecond, which would
+                # otherwise come between the query and its answers.
+                time.sleep(WRITE_DELAY)
                 try:
                     if item is None:
                         return
@@ -119,6 +124,10 @@ class AuditWriter:
                     self._queue.task_done()
         finally:
             connection.close()
+
+
+# How long the audit writer lets an event wait before writing it (seconds).
+WRITE_DELAY = 0.05
 
 
 def _single_uid(value: Any) -> str:
