@@ -604,7 +604,7 @@ _PLAIN_TYPES = {
 }
 
 
-def _preparer(field):
+def _preparer(field: Any) -> Any:
     """How one of ``_INSTANCE_COLUMNS`` gets its database value: None when the value goes as
     it is, else the field's own ``get_db_prep_save`` (dates, JSON)."""
     if field.get_internal_type() in _PLAIN_TYPES:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import os
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from django.db import connection
@@ -17,7 +19,7 @@ pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def make_wrapper(tmp_path: Path):
+def make_wrapper(tmp_path: Path) -> Iterator[Callable[[], base.DatabaseWrapper]]:
     settings_dict = copy.deepcopy(connection.settings_dict)
     settings_dict.update(ENGINE="pacsportal.sqlite3", NAME=str(tmp_path / "kept.sqlite3"))
     settings_dict["OPTIONS"] = {"timeout": 5}
@@ -26,7 +28,7 @@ def make_wrapper(tmp_path: Path):
     base.close_kept()
 
 
-def in_thread(function):
+def in_thread(function: Callable[[], Any]) -> Any:
     result: list = []
     thread = threading.Thread(target=lambda: result.append(function()))
     thread.start()
@@ -35,7 +37,7 @@ def in_thread(function):
 
 
 def test_a_connection_closed_by_one_thread_serves_the_next(make_wrapper) -> None:
-    def first():
+    def first() -> Any:
         db = make_wrapper()
         with db.cursor() as cursor:
             cursor.execute("CREATE TABLE t (n integer)")
@@ -44,7 +46,7 @@ def test_a_connection_closed_by_one_thread_serves_the_next(make_wrapper) -> None
         db.close()
         return raw
 
-    def second():
+    def second() -> Any:
         db = make_wrapper()
         with db.cursor() as cursor:
             cursor.execute("SELECT n FROM t")
@@ -59,7 +61,7 @@ def test_a_connection_closed_by_one_thread_serves_the_next(make_wrapper) -> None
 
 
 def test_a_connection_in_a_transaction_or_after_an_error_is_closed(make_wrapper) -> None:
-    def open_transaction():
+    def open_transaction() -> Any:
         db = make_wrapper()
         db.ensure_connection()
         db.connection.execute("BEGIN IMMEDIATE")
@@ -67,7 +69,7 @@ def test_a_connection_in_a_transaction_or_after_an_error_is_closed(make_wrapper)
         db.close()
         return raw
 
-    def failed():
+    def failed() -> Any:
         db = make_wrapper()
         with pytest.raises(Exception), db.cursor() as cursor:
             cursor.execute("SELECT * FROM no_such_table")
@@ -83,7 +85,7 @@ def test_a_connection_in_a_transaction_or_after_an_error_is_closed(make_wrapper)
 
 
 def test_no_kept_connection_crosses_a_fork(make_wrapper) -> None:
-    def kept():
+    def kept() -> None:
         db = make_wrapper()
         db.ensure_connection()
         db.close()

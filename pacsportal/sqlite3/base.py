@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import Any
 
 from django.db.backends.sqlite3 import base
 
@@ -39,7 +40,7 @@ os.register_at_fork(before=close_kept)
 
 
 class DatabaseWrapper(base.DatabaseWrapper):
-    def get_new_connection(self, conn_params):
+    def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
         with _lock:
             kept = _kept.get(self.settings_dict["NAME"])
             connection = kept.pop() if kept else None

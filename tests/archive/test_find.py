@@ -200,7 +200,7 @@ def test_the_audit_event_follows_the_answers_and_is_written_by_the_stop(qr, monk
     gate = threading.Event()
     real = nodes._write
 
-    def held(action, event):
+    def held(action: str, event: dict) -> None:
         gate.wait(30)
         real(action, event)
 
