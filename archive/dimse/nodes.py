@@ -79,6 +79,8 @@ class AuditWriter:
     its own database connection.
     """
 
+    _pause = staticmethod(time.sleep)
+
     def __init__(self) -> None:
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -111,17 +113,28 @@ class AuditWriter:
 
         try:
             while True:
-                item = self._queue.get()
+                batch = [self._queue.get()]
                 # Let the association that queued the event send its answers first: the
                 # write takes the interpreter lock for most of a millisecond, which would
-                # otherwise come between the query and its answers.
-                time.sleep(WRITE_DELAY)
-                try:
-                    if item is None:
-                        return
-                    _write(*item)
-                finally:
-                    self._queue.task_done()
+                # otherwise come between the query and its answers. One wait per batch:
+                # what was queued meanwhile is written with it.
+                self._pause(WRITE_DELAY)
+                while True:
+                    try:
+                        batch.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                stopping = False
+                for item in batch:
+                    try:
+                        if item is None:
+                            stopping = True
+                        else:
+                            _write(*item)
+                    finally:
+                        self._queue.task_done()
+                if stopping:
+                    return
         finally:
             connection.close()
 

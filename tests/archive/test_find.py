@@ -212,3 +212,30 @@ def test_the_audit_event_follows_the_answers_and_is_written_by_the_stop(qr, monk
     qr.stop(timeout=5)
     event = AuditEvent.objects.get(actor="AUDITED", action="query")
     assert event.channel == "dimse" and event.details["answers"] == 1 and event.details["keys"]["AccessionNumber"] == "A100"
+
+
+def test_the_audit_writer_writes_what_queued_meanwhile_in_one_batch(monkeypatch) -> None:
+    """Events queued while the writer waits are written after that one wait, not one wait
+    each (a busy node's events would otherwise pile up faster than they are written)."""
+    import threading
+
+    from archive.dimse import nodes
+
+    written: list[str] = []
+    waits: list[float] = []
+    all_queued = threading.Event()
+
+    def wait(seconds: float) -> None:
+        waits.append(seconds)
+        all_queued.wait(10)
+
+    monkeypatch.setattr(nodes, "_write", lambda action, event: written.append(event["actor"]))
+    writer = nodes.AuditWriter()
+    writer._pause = wait
+    for number in range(10):
+        writer.submit("query", {"actor": f"AE{number}"})
+    all_queued.set()
+    writer.flush()
+    writer.stop()
+    assert written == [f"AE{number}" for number in range(10)]
+    assert len(waits) <= 2  # the first batch, and at most one more for the stop
