@@ -33,6 +33,7 @@ from django.db.models import F
 from django.dispatch import Signal
 from django.utils import timezone
 from psycopg import Cursor as PgCursor
+from psycopg.pq import TransactionStatus
 from pydicom.dataset import Dataset
 from pydicom.filewriter import dcmwrite
 
@@ -418,6 +419,10 @@ def _add_to_known_series(conn, row: _InstanceRow, study_id: int, series_id: int)
     savepoint = transaction.atomic() if conn.in_atomic_block else contextlib.nullcontext()
     with savepoint:
         conn.ensure_connection()
+        if not conn.in_atomic_block and conn.connection.info.transaction_status != TransactionStatus.IDLE:
+            # Left open by a failure elsewhere: the insert would join it, uncommitted.
+            log.warning("a transaction was left open on this thread's connection; rolled back")
+            conn.connection.rollback()
         # psycopg's own cursor under Django's error translation, not Django's cursor: the
         # parameters are bound by the server (Django binds them on the client, quoting the
         # header's JSON into the statement text) and the statement is prepared once per
@@ -438,6 +443,9 @@ def _add_to_known_series_sqlite(conn, row: _InstanceRow, study_id: int, series_i
         conn.ensure_connection()
         raw = conn.connection
         with conn.wrap_database_errors:
+            if raw.in_transaction:  # left open by a failure elsewhere: it would refuse BEGIN forever
+                log.warning("a transaction was left open on this thread's connection; rolled back")
+                raw.execute("ROLLBACK")
             raw.execute("BEGIN IMMEDIATE")
             try:
                 instance_id = raw.execute(statements.insert_qmark, params).fetchone()[0]

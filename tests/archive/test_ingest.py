@@ -359,3 +359,20 @@ def test_nul_characters_in_text_never_break_the_header_json(storage_dir: Path) -
     assert instance.metadata["00081030"]["Value"] == ["CTCHEST"]
     assert Study.objects.get().study_description == "CTCHEST"
     assert_consistent(storage_dir)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_transaction_left_open_on_the_connection_neither_blocks_nor_swallows_the_next_store(storage_dir: Path) -> None:
+    """The hot path works on the database connection itself: a transaction some failure
+    left open there must neither make it fail (SQLite refuses a second BEGIN) nor take its
+    insert in, uncommitted (PostgreSQL would run it inside)."""
+    study_uid, series_uid = "1.2.826.0.1.3680043.10.11", "1.2.826.0.1.3680043.10.11.1"
+    assert ingest_dataset(make_dataset(study_uid=study_uid, series_uid=series_uid), SOURCE).ok  # series cached
+    connection.connection.execute("BEGIN")  # as a failure that skipped its ROLLBACK would leave it
+    result = ingest_dataset(make_dataset(study_uid=study_uid, series_uid=series_uid), SOURCE)
+    assert result.outcome is Outcome.STORED
+    raw = connection.connection
+    open_now = raw.in_transaction if connection.vendor == "sqlite" else raw.info.transaction_status != 0  # IDLE
+    assert not open_now  # the store was committed
+    assert Instance.objects.count() == 2
+    assert_consistent(storage_dir)
