@@ -13,7 +13,7 @@ import time
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
-from django.db import connection, connections
+from django.db import connections
 
 from archive import storage
 from archive.dimse.server import Scp, listening_socket
@@ -75,11 +75,6 @@ class Command(BaseCommand):
             raise CommandError(f"cannot listen on {options['bind']}:{options['port']}: {exc}") from exc
         self.stdout.write(f"DICOM SCP {ae_title} listening on {options['bind']}:{scp.port} (pid {os.getpid()})")
         self.stdout.flush()
-        if connection.vendor == "sqlite":
-            # Held open while serving: when an association's thread closes the last connection
-            # to the database, SQLite checkpoints and truncates its write-ahead log, a few
-            # milliseconds of every C-FIND or C-ECHO association.
-            connection.ensure_connection()
         stop.wait()
         log.info("stopping: finishing the associations in flight")
         scp.stop(timeout=settings.PACS_SCP_STOP_TIMEOUT)
