@@ -106,14 +106,46 @@ class Interrupted(OSError):
     request, bytes that are no PDU), or the connection broke; the DUL takes it from here."""
 
 
-class _UserQueue(queue.Queue):
+class _InlineQueue(queue.Queue):
+    """A queue the DUL fills. On an inline association (``PacsDUL.inline``) the thread that
+    owns it waits for an item by turning the DUL's reactor itself (``PacsDUL.pump``): there
+    is no DUL thread to fill it meanwhile. Any other thread, and every threaded association,
+    waits as on a plain queue."""
+
+    def __init__(self, dul: "PacsDUL") -> None:
+        super().__init__()
+        self._dul = dul
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        dul = self._dul
+        if not dul.inline or threading.get_ident() != dul.owner:
+            return super().get(block, timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                return super().get(block=False)
+            except queue.Empty:
+                pass
+            if dul._kill_thread:
+                raise queue.Empty
+            if not block:
+                if dul.pump(0.0):
+                    continue  # it did something: look again
+                raise queue.Empty
+            remaining = IDLE_WAIT if deadline is None else deadline - time.monotonic()
+            if remaining <= 0:
+                raise queue.Empty
+            dul.pump(min(remaining, IDLE_WAIT))
+
+
+class _UserQueue(_InlineQueue):
     """The DUL's queue of primitives for the association: putting an A-RELEASE or an
     abort there also wakes the association's reactor, which otherwise would see it only at
     the end of its wait for a message. (Not A-ASSOCIATE: a wake-up left in the message
     queue would read as "no response" to a request sent right after the association.)"""
 
-    def __init__(self, assoc: Any) -> None:
-        super().__init__()
+    def __init__(self, assoc: Any, dul: "PacsDUL") -> None:
+        super().__init__(dul)
         self._assoc = assoc
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
@@ -152,16 +184,100 @@ class _ReceivedPData:
 
 
 class PacsDUL(DULServiceProvider):
-    """pynetdicom's DICOM Upper Layer provider, waiting on its socket instead of polling."""
+    """pynetdicom's DICOM Upper Layer provider, waiting on its socket instead of polling.
+
+    An acceptor's DUL on a plain socket runs *inline*: no thread of its own. The
+    association's thread turns the reactor (``pump``) whenever it waits for something the
+    DUL brings (a primitive, a DIMSE message) and sends what it queues at once (``flush``).
+    Accepting an association then starts one thread instead of three, and each received
+    PDU is read, decoded and acted on by the thread that serves it, with no hand-offs of the
+    interpreter lock between a DUL thread and the association's. Other threads (a stop's
+    abort) queue their primitives and wake the owner, which acts on them.
+    """
 
     def __init__(self, assoc: Any) -> None:
         super().__init__(assoc)
-        self.to_user_queue = _UserQueue(assoc)
+        self.inline = False  # no thread: the owner's thread runs the reactor (``start``)
+        self.owner: int | None = None
+        self.to_user_queue = _UserQueue(assoc, self)
         self.io_lock = threading.RLock()
         self.lent = False  # the socket is lent to another thread (``borrowed``)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
+
+    def start(self) -> None:
+        """Run inline for an acceptor on a plain socket (called from the association's
+        thread, in its ``run_reactor``); start the DUL thread otherwise."""
+        raw = getattr(self.socket, "socket", None)
+        if self.assoc.is_acceptor and raw is not None and not isinstance(raw, ssl.SSLSocket):
+            self.inline = True
+            self.owner = threading.get_ident()
+            self._idle_timer.start()
+            self.assoc._dul_ready.set()
+            return
+        super().start()
+
+    def is_alive(self) -> bool:
+        if self.inline:
+            return not self._kill_thread
+        return super().is_alive()
+
+    def pump(self, timeout: float) -> bool:
+        """Inline: one turn of the reactor (``run_reactor``'s loop body): a queued primitive
+        or a received PDU becomes an event, and one event is acted on. When there is nothing
+        to do, wait up to ``timeout`` seconds for the socket or a wake-up, then look once
+        more. Returns True when an event was acted on."""
+        for attempt in (0, 1):
+            if self._kill_thread:
+                return False
+            if self.artim_timer.expired:
+                self.event_queue.put("Evt18")
+            with self.io_lock:
+                try:
+                    if self._process_recv_primitive():
+                        pass
+                    elif not self.lent and self._is_transport_event():
+                        self._idle_timer.restart()
+                except Exception as exc:  # noqa: BLE001 - as pynetdicom: abort on any failure
+                    log.error("DUL failure, aborting the association: %s", exc)
+                    self._abort_hard()
+                    return False
+                try:
+                    event = self.event_queue.get(block=False)
+                except queue.Empty:
+                    event = None
+                if event is not None:
+                    self.state_machine.do_action(event)
+                    return True
+            if attempt or timeout <= 0:
+                return False
+            self._wait(timeout)
+        return False
+
+    def flush(self) -> None:
+        """Inline, in the owner's thread: act on everything queued until the primitives
+        queued for sending are sent (the state machine's events in order)."""
+        while (self.to_provider_queue.qsize() or self.event_queue.qsize()) and self.pump(0.0):
+            pass
+
+    def finish(self, timeout: float) -> None:
+        """Inline, when the association's thread ends: act on what is left until the state
+        machine is idle (Sta1, the connection closed) or ``timeout`` seconds pass; then stop."""
+        deadline = time.monotonic() + timeout
+        try:
+            while not self._kill_thread and self.state_machine.current_state != "Sta1":
+                if time.monotonic() > deadline:
+                    log.warning("association ended in %s; closing its connection", self.state_machine.current_state)
+                    sock = self.socket
+                    if sock is not None:
+                        sock.close()
+                    break
+                self.pump(min(IDLE_WAIT, max(deadline - time.monotonic(), 0.0)))
+        finally:
+            self._kill_thread = True
+            self._wake_r.close()
+            self._wake_w.close()
 
     def wake(self) -> None:
         """Make the reactor look at its queues now."""
@@ -172,7 +288,10 @@ class PacsDUL(DULServiceProvider):
 
     def send_pdu(self, primitive: Any) -> None:  # type: ignore[override]
         super().send_pdu(primitive)
-        self.wake()
+        if self.inline and threading.get_ident() == self.owner:
+            self.flush()
+        else:
+            self.wake()
 
     def kill_dul(self) -> None:
         super().kill_dul()
@@ -267,7 +386,7 @@ class PacsDUL(DULServiceProvider):
             self._wake_r.close()
             self._wake_w.close()
 
-    def _wait(self) -> None:
+    def _wait(self, timeout: float = IDLE_WAIT) -> None:
         watched: list[Any] = [self._wake_r]
         raw = getattr(self.socket, "socket", None)
         if raw is not None and not self.lent and getattr(self.socket, "_is_connected", False):
@@ -276,7 +395,7 @@ class PacsDUL(DULServiceProvider):
             if raw.fileno() >= 0:
                 watched.append(raw)
         try:
-            ready, _, _ = select.select(watched, [], [], IDLE_WAIT)
+            ready, _, _ = select.select(watched, [], [], timeout)
         except (OSError, ValueError):
             time.sleep(self._run_loop_delay)  # the socket closed under us: the next turn sees it
             return
@@ -338,6 +457,8 @@ class PacsDIMSE(DIMSEServiceProvider):
 
     def __init__(self, assoc: Any) -> None:
         super().__init__(assoc)
+        if isinstance(assoc.dul, PacsDUL):
+            self.msg_queue = _InlineQueue(assoc.dul)  # the owner pumps an inline DUL while it waits
         self._held: list[Any] = []  # P-DATA primitives of a command set not yet complete
         self._command = bytearray()
         self._store: FastStore | None = None  # the C-STORE whose data set is arriving
@@ -457,7 +578,52 @@ class PacsDIMSE(DIMSEServiceProvider):
 
 
 class PacsAssociation(pynetdicom_association.Association):
-    """pynetdicom's Association, whose reactor waits on its message queue instead of sleeping."""
+    """pynetdicom's Association, whose reactor waits on its message queue instead of sleeping
+    (and, for an inline DUL, turns the DUL's reactor meanwhile: ``PacsDUL``)."""
+
+    # Set on an association built before its connection came (archive.dimse.server's
+    # standby): its thread waits for ``pacs_go`` before it starts serving.
+    pacs_go: threading.Event | None = None
+    pacs_cancelled = False
+
+    def run(self) -> None:
+        if self.pacs_go is not None:
+            self.pacs_go.wait()
+            if self.pacs_cancelled:
+                dul = self.dul
+                if isinstance(dul, PacsDUL):
+                    dul._wake_r.close()
+                    dul._wake_w.close()
+                return
+        super().run()
+
+    def run_reactor(self) -> None:
+        try:
+            super().run_reactor()
+        finally:
+            dul = self.dul
+            if isinstance(dul, PacsDUL) and dul.inline:
+                dul.finish(_artim(self))
+
+    def kill(self) -> None:
+        """End the association (pynetdicom's ``kill``): with an inline DUL the owner's thread
+        turns the reactor until the state machine is idle, instead of waiting for a DUL
+        thread to get there; another thread waits for the owner to finish."""
+        dul = self.dul
+        if not (isinstance(dul, PacsDUL) and dul.inline):
+            super().kill()
+            return
+        self._reactor_checkpoint.set()
+        self._kill = True
+        self.is_established = False
+        self._is_paused = True
+        if threading.get_ident() == dul.owner:
+            dul.finish(_artim(self))
+            return
+        dul.wake()
+        deadline = time.monotonic() + _artim(self) + 5.0
+        while dul.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def _run_reactor(self) -> None:
         """The association loop (pynetdicom's ``_run_reactor``): serve each complete request
@@ -545,6 +711,20 @@ class PacsAssociation(pynetdicom_association.Association):
             send_message(self, request.context_id, response)
         except Interrupted as exc:
             log.warning("C-STORE response not sent: %s", exc)
+
+
+def _artim(assoc: Any) -> float:
+    """How long an inline DUL may take to close down: the ARTIM timeout (PS3.8 9.1.5)."""
+    return float(assoc.dul.artim_timer.timeout or 30)
+
+
+def poll(assoc: Any) -> None:
+    """On an inline association, in its own thread: act on what the peer has sent meanwhile
+    (a C-CANCEL during a C-FIND or C-MOVE, an abort), without waiting."""
+    dul = getattr(assoc, "dul", None)
+    if isinstance(dul, PacsDUL) and dul.inline and threading.get_ident() == dul.owner and not dul.lent:
+        while dul.pump(0.0):
+            pass
 
 
 _STORAGE: dict[str, bool] = {}
@@ -637,6 +817,11 @@ def _sendmsg_all(sock: socket.socket, buffers: Sequence[Any]) -> None:
 
 def _drain_outgoing(dul: PacsDUL, timeout: float) -> None:
     """Wait until the DUL has sent every PDU queued before us (message order, PS3.8 9.3.5)."""
+    if dul.inline and threading.get_ident() == dul.owner:
+        dul.flush()
+        if dul.to_provider_queue.qsize():
+            raise Interrupted("the association's queued PDUs were not sent")
+        return
     deadline = time.monotonic() + timeout
     while not dul.to_provider_queue.empty():
         if time.monotonic() > deadline or not dul.is_alive():

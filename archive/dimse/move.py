@@ -57,11 +57,24 @@ RETRIEVE_MODELS = [
 MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: presentation context IDs are odd numbers 1-255
 MAX_SUBOPERATIONS = 65535  # the sub-operation counts are US
 PENDING_INTERVAL = 0.25  # seconds between two pending responses
+CANCEL_POLL = 0.01  # seconds between two looks for a C-CANCEL while answering
 
 
 class ArchiveQueryRetrieve(QueryRetrieveServiceClass):
     """pynetdicom's Query/Retrieve service with the archive's C-FIND (on the fast path),
     C-MOVE and C-GET."""
+
+    _polled = 0.0
+
+    def is_cancelled(self, msg_id: int) -> bool:
+        """Whether a C-CANCEL for ``msg_id`` came (PS3.7 9.3.2.3). On an inline association
+        nothing reads the socket while a request is served, so what the peer sent is read
+        here first, at most every ``CANCEL_POLL`` seconds."""
+        now = time.monotonic()
+        if now - self._polled >= CANCEL_POLL:
+            self._polled = now
+            fastpath.poll(self.assoc)
+        return super().is_cancelled(msg_id)
 
     def _c_find_scp(self, req, context) -> None:
         if fastpath.available(self.assoc):

@@ -7,6 +7,7 @@ says what it did.
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import socket
@@ -36,9 +37,10 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
     Verification,
 )
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom._globals import MODE_ACCEPTOR
+from pynetdicom.transport import AddressInformation, AssociationSocket, ThreadedAssociationServer
 
-from archive.dimse import move
+from archive.dimse import fastpath, move
 from archive.dimse.find import handle_find
 from archive.dimse.move import RETRIEVE_MODELS
 from archive.dimse.store import AssociationStats, InFlight, handle_store, store_file
@@ -128,6 +130,56 @@ class PacsAssociationServer(ThreadedAssociationServer):
         _no_delay(request)
         return request, address
 
+    standby: "Standby | None" = None
+
+    def process_request(self, request, client_address) -> None:  # type: ignore[override]
+        """Give the connection to the standby association, whose thread is waiting for one;
+        without a standby, build the association and start its thread here, in the
+        accepting thread (pynetdicom's handler only does that), instead of in a handler
+        thread that starts the association's."""
+        try:
+            assoc = self.standby.take() if self.standby is not None else None
+            if assoc is None:
+                self.finish_request(request, client_address)
+            else:
+                self.hand_over(assoc, request, client_address)
+        except Exception:  # noqa: BLE001 - as socketserver: report, close, go on accepting
+            self.handle_error(request, client_address)
+            self.shutdown_request(request)
+
+    def prepare(self) -> fastpath.PacsAssociation:
+        """An acceptor association set up with everything that does not depend on its
+        connection (what pynetdicom's ``RequestHandler._create_association`` does), its
+        thread started and waiting for ``hand_over``."""
+        ae = self.ae
+        assoc = fastpath.PacsAssociation(ae, MODE_ACCEPTOR)
+        assoc.name = "StandbyAcceptor"  # not "AcceptorThread": not an active association yet
+        assoc.acceptor.maximum_length = ae.maximum_pdu_size
+        assoc.acceptor.ae_title = self.ae_title
+        assoc.acceptor.address_info = AddressInformation.from_tuple(self.server_address)
+        assoc.acceptor.implementation_class_uid = ae.implementation_class_uid
+        assoc.acceptor.implementation_version_name = ae.implementation_version_name
+        assoc.acceptor.supported_contexts = copy.deepcopy(self.contexts)
+        for event, handlers in self._handlers.items():
+            if event.is_intervention and handlers:
+                assoc.bind(event, *handlers)
+            elif isinstance(event, evt.NotificationEvent):
+                for handler, args in handlers:
+                    assoc.bind(event, handler, args)
+        assoc.pacs_go = threading.Event()
+        assoc.start()
+        return assoc
+
+    def hand_over(self, assoc: fastpath.PacsAssociation, request: socket.socket, client_address) -> None:
+        """Give a prepared association its connection and let its thread serve it."""
+        assoc._server = self
+        assoc.name = f"AcceptorThread@{time.strftime('%Y%m%d%H%M%S')}"
+        assoc.set_socket(AssociationSocket(assoc, client_socket=request))
+        assoc.requestor.address_info = AddressInformation.from_tuple(client_address)
+        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": client_address})
+        assert assoc.pacs_go is not None
+        assoc.pacs_go.set()
+
     def service_actions(self) -> None:
         """Nothing between requests. (pynetdicom runs a full ``gc.collect()`` every 60
         turns of the accept loop, tens of milliseconds with the GIL held in a process that
@@ -165,6 +217,75 @@ class SharedSocketServer(PacsAssociationServer):
 
     def server_close(self) -> None:
         self.socket.close()  # close our descriptor only: the others still listen on it
+
+
+class Standby:
+    """Keeps one acceptor association prepared (``PacsAssociationServer.prepare``) so that a
+    new connection finds its association built and its thread running: the requestor's
+    A-ASSOCIATE-RQ is answered without waiting for either (most of a millisecond).
+
+    A thread of its own prepares the next one ``DELAY`` seconds after one is taken, so that
+    the work does not take the interpreter lock from the association just accepted.
+    """
+
+    DELAY = 0.01
+
+    def __init__(self, server: PacsAssociationServer) -> None:
+        self.server = server
+        self._assoc: fastpath.PacsAssociation | None = None
+        self._lock = threading.Lock()
+        self._wanted = threading.Event()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="scp-standby", daemon=True)
+
+    def start(self) -> None:
+        self._wanted.set()
+        self._thread.start()
+
+    def take(self) -> fastpath.PacsAssociation | None:
+        """The prepared association, or None (then the caller builds one)."""
+        with self._lock:
+            assoc, self._assoc = self._assoc, None
+        self._wanted.set()
+        return assoc
+
+    def close(self) -> None:
+        """Prepare no more; end the prepared association's thread."""
+        with self._lock:
+            self._closed = True
+            assoc, self._assoc = self._assoc, None
+        self._wanted.set()
+        if assoc is not None:
+            assoc.pacs_cancelled = True
+            assert assoc.pacs_go is not None
+            assoc.pacs_go.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(5.0)
+
+    def _run(self) -> None:
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            if self._closed:
+                return
+            time.sleep(self.DELAY)
+            with self._lock:
+                if self._closed:
+                    return
+                if self._assoc is not None:
+                    continue
+            try:
+                assoc = self.server.prepare()
+            except Exception:  # noqa: BLE001 - then each connection builds its own, as before
+                log.exception("cannot prepare a standby association")
+                return
+            with self._lock:
+                if self._closed or self._assoc is not None:
+                    assoc.pacs_cancelled = True
+                    assert assoc.pacs_go is not None
+                    assoc.pacs_go.set()
+                else:
+                    self._assoc = assoc
 
 
 def _no_delay(request: socket.socket) -> None:
@@ -294,6 +415,8 @@ class Scp:
             contexts=_shared(self.ae.supported_contexts),
         )
         self.ae._servers.append(self.server)
+        self.server.standby = Standby(self.server)
+        self.server.standby.start()
         thread = threading.Thread(target=self.server.serve_forever, name="scp-acceptor", daemon=True)
         thread.start()
         log.info("SCP %s listening on %s:%d", self.ae_title, self.address[0], self.port)
@@ -309,6 +432,8 @@ class Scp:
             return
         server = self.server
         server.shutdown()  # stops accepting and closes the listening socket
+        if server.standby is not None:
+            server.standby.close()
         if not self.in_flight.close(timeout):
             log.warning("stores still running after %.0f s", timeout)
         aborted = list(server.active_associations)

@@ -349,3 +349,71 @@ def test_a_data_set_cut_by_another_message_aborts_and_leaves_no_file(scp: Scp, s
     assert assoc.is_aborted
     assert Instance.objects.count() == 0
     assert [p for p in storage.receive_dir().iterdir()] == []
+
+
+def test_an_accepted_association_runs_in_one_thread_with_its_dul_inline(scp: Scp) -> None:
+    from archive.dimse import fastpath
+
+    assoc = associate(scp)
+    server_assoc = next(a for a in scp.server.active_associations)
+    assert isinstance(server_assoc.dul, fastpath.PacsDUL) and server_assoc.dul.inline
+    assert not threading.Thread.is_alive(server_assoc.dul)  # no DUL thread was started
+    assert assoc.send_c_echo().Status == status.SUCCESS
+    stored = assoc.send_c_store(make_dataset(modality="CT"))
+    assert stored.Status == status.SUCCESS
+    assoc.release()
+    assert assoc.is_released
+    server_assoc.join(5)
+    assert not server_assoc.is_alive()
+    assert server_assoc.dul._kill_thread and server_assoc.dul.state_machine.current_state == "Sta1"
+    assert server_assoc.dul.owner == server_assoc.ident  # the association's own thread ran it
+
+
+def test_a_standby_association_takes_each_new_connection(scp: Scp) -> None:
+    standby = scp.server.standby
+    assert standby is not None
+    deadline = time.monotonic() + 5
+    while standby._assoc is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    prepared = standby._assoc
+    assert prepared is not None and prepared.is_alive() and prepared.name == "StandbyAcceptor"
+    assert prepared not in scp.server.active_associations  # waiting, not serving
+    assoc = associate(scp)
+    assert assoc.is_established
+    assert prepared.name.startswith("AcceptorThread") and prepared in scp.server.active_associations
+    assert prepared.requestor.ae_title == "MODALITY"
+    assert assoc.send_c_echo().Status == status.SUCCESS
+    assoc.release()
+    # The next one is prepared after a moment; meanwhile connections build their own.
+    while (standby._assoc is None or standby._assoc is prepared) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert standby._assoc is not None and standby._assoc is not prepared
+    second, third = associate(scp), associate(scp)  # one takes the standby, the other is built
+    assert second.is_established and third.is_established
+    for a in (second, third):
+        assert a.send_c_echo().Status == status.SUCCESS
+        a.release()
+
+
+def test_the_stop_ends_the_standby_and_aborts_inline_associations(transactional_db) -> None:
+    server = Scp(ae_title="PACSPORTAL", port=0, bind="127.0.0.1")
+    server.start()
+    standby = server.server.standby
+    deadline = time.monotonic() + 5
+    while standby._assoc is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    prepared = standby._assoc
+    assert prepared is not None
+    open_assoc = associate(server)  # left open: the stop must abort it
+    assert open_assoc.is_established
+    serving = list(server.server.active_associations)
+    server.stop(timeout=5)
+    assert not prepared.is_alive()
+    assert not standby._thread.is_alive()
+    for a in serving:
+        a.join(5)
+        assert not a.is_alive()
+    deadline = time.monotonic() + 5
+    while open_assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert open_assoc.is_aborted
