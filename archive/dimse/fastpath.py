@@ -16,7 +16,8 @@ C-STORE of a 512 KB CT slice to a peer taking 16 KB PDUs that is 33 PDUs; for a 
   served as soon as its last PDU is in.
 - ``PacsDIMSE`` receives C-STOREs for an AE with a ``pacs_store`` (the archive's ``Scp``)
   itself: the command set decoded by ``wire``, the data set written to the receive file as
-  it arrives, the request stored and answered by the association's thread. It writes
+  it arrives, the request stored and answered by the association's thread. A C-ECHO there
+  is answered the same way, when EVT_C_ECHO has pynetdicom's default handler. It writes
   C-STORE and C-ECHO responses with ``wire`` from the association's thread.
 - ``send_message`` writes a whole DIMSE message (or many) as P-DATA-TF PDUs with one
   ``sendmsg`` call, under ``io_lock`` and behind anything already queued for the DUL.
@@ -126,8 +127,8 @@ class _InlineQueue(queue.Queue):
                 return super().get(block=False)
             except queue.Empty:
                 pass
-            if dul._kill_thread:
-                raise queue.Empty
+            if dul._kill_thread or (dul.state_machine.current_state == "Sta1" and dul.event_queue.empty() and dul.to_provider_queue.empty()):
+                raise queue.Empty  # nothing can come: stopped, or idle with the connection closed
             if not block:
                 if dul.pump(0.0):
                     continue  # it did something: look again
@@ -438,6 +439,18 @@ class FastStore:
         return self.file.name  # type: ignore[return-value]
 
 
+class FastEcho:
+    """A C-ECHO-RQ read by ``PacsDIMSE`` (PS3.7 9.3.5.1), answered Success by the
+    association's thread without pynetdicom's message objects or Verification service."""
+
+    def __init__(self, command: dict[str, Any], context_id: int) -> None:
+        self.command = command
+        self.context_id = context_id
+
+
+VERIFICATION = "1.2.840.10008.1.1"
+
+
 class PacsDIMSE(DIMSEServiceProvider):
     """pynetdicom's DIMSE provider, receiving C-STOREs for the archive's SCP itself and
     writing C-STORE and C-ECHO responses straight onto the socket.
@@ -491,12 +504,29 @@ class PacsDIMSE(DIMSEServiceProvider):
                         command = wire.parse_command(self._command)
                     except wire.WireError:
                         raise _NotFast() from None
+                    if index == len(values) - 1 and self._is_plain_echo(command, context_id):
+                        self._held, self._command = [], bytearray()
+                        self.msg_queue.put((context_id, FastEcho(command, context_id)))
+                        return
                     self._store = self._start(command, context_id)
                     self._held, self._command = [], bytearray()
                     self._write(values[index + 1 :])
                     return
             return
         self._write(values)
+
+    def _is_plain_echo(self, command: dict[str, Any], context_id: int) -> bool:
+        """A C-ECHO-RQ (PS3.7 9.3.5.1) on a Verification context of an association whose
+        EVT_C_ECHO has pynetdicom's default handler (which answers Success)."""
+        if command.get("CommandField") != wire.C_ECHO_RQ or command.get("MessageID") is None:
+            return False
+        if command.get("CommandDataSetType", wire.NO_DATASET) != wire.NO_DATASET:
+            return False
+        context = self.assoc._accepted_cx.get(context_id)
+        if context is None or str(context.abstract_syntax) != VERIFICATION:
+            return False
+        handler = self.assoc.get_handlers(evt.EVT_C_ECHO)
+        return bool(handler) and handler[0] is evt.get_default_handler(evt.EVT_C_ECHO)
 
     def _start(self, command: dict[str, Any], context_id: int) -> FastStore:
         """The receive file of a C-STORE-RQ taken here, its File Meta Information written."""
@@ -644,6 +674,8 @@ class PacsAssociation(pynetdicom_association.Association):
                 context_id, msg = None, None
             if isinstance(msg, FastStore):
                 self._serve_store(msg)
+            elif isinstance(msg, FastEcho):
+                self._serve_echo(msg)
             elif msg:
                 self._serve_request(msg, int(context_id))
             if self.is_established and self.acse.is_release_requested():
@@ -675,6 +707,19 @@ class PacsAssociation(pynetdicom_association.Association):
                 self.kill()
                 return
 
+
+    def _serve_echo(self, request: FastEcho) -> None:
+        """A C-ECHO-RQ read by ``PacsDIMSE``: answered with Success (PS3.4 A.4, PS3.7 9.3.5.2),
+        as pynetdicom's Verification service with its default handler does."""
+        if self._sent_release:
+            log.warning("C-ECHO request received during association release, ignored")
+            return
+        sop_class = request.command.get("AffectedSOPClassUID") or VERIFICATION
+        response = wire.c_echo_rsp(sop_class, request.command["MessageID"], 0x0000)
+        try:
+            send_message(self, request.context_id, response)
+        except Interrupted as exc:
+            log.warning("C-ECHO response not sent: %s", exc)
 
     def _serve_store(self, request: FastStore) -> None:
         """A C-STORE-RQ read by ``PacsDIMSE``: stored by ``ae.pacs_store`` (which returns a

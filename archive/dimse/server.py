@@ -147,6 +147,16 @@ class PacsAssociationServer(ThreadedAssociationServer):
             self.handle_error(request, client_address)
             self.shutdown_request(request)
 
+    def bind(self, event, handler, args=None) -> None:  # type: ignore[override]
+        super().bind(event, handler, args)
+        if self.standby is not None:
+            self.standby.discard()  # prepared with the handlers of before
+
+    def unbind(self, event, handler) -> None:  # type: ignore[override]
+        super().unbind(event, handler)
+        if self.standby is not None:
+            self.standby.discard()
+
     def prepare(self) -> fastpath.PacsAssociation:
         """An acceptor association set up with everything that does not depend on its
         connection (what pynetdicom's ``RequestHandler._create_association`` does), its
@@ -249,6 +259,14 @@ class Standby:
         self._wanted.set()
         return assoc
 
+    def discard(self) -> None:
+        """Drop the prepared association (its handlers changed); prepare another."""
+        with self._lock:
+            assoc, self._assoc = self._assoc, None
+        if assoc is not None:
+            _cancel(assoc)
+        self._wanted.set()
+
     def close(self) -> None:
         """Prepare no more; end the prepared association's thread."""
         with self._lock:
@@ -256,9 +274,7 @@ class Standby:
             assoc, self._assoc = self._assoc, None
         self._wanted.set()
         if assoc is not None:
-            assoc.pacs_cancelled = True
-            assert assoc.pacs_go is not None
-            assoc.pacs_go.set()
+            _cancel(assoc)
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(5.0)
 
@@ -281,11 +297,16 @@ class Standby:
                 return
             with self._lock:
                 if self._closed or self._assoc is not None:
-                    assoc.pacs_cancelled = True
-                    assert assoc.pacs_go is not None
-                    assoc.pacs_go.set()
+                    _cancel(assoc)
                 else:
                     self._assoc = assoc
+
+
+def _cancel(assoc: fastpath.PacsAssociation) -> None:
+    """End a prepared association's waiting thread without serving anything."""
+    assoc.pacs_cancelled = True
+    assert assoc.pacs_go is not None
+    assoc.pacs_go.set()
 
 
 def _no_delay(request: socket.socket) -> None:
@@ -300,6 +321,16 @@ def listening_socket(bind: str, port: int, backlog: int = 128) -> socket.socket:
     sock = socket.create_server((bind, port), backlog=backlog)
     sock.setblocking(False)
     return sock
+
+
+class ArchiveAE(AE):
+    """The archive's AE: a prepared association (``Standby``), whose thread waits for a
+    connection, is not one of its active associations (pynetdicom counts those against
+    ``maximum_associations``)."""
+
+    @property
+    def active_associations(self) -> list[Association]:
+        return [a for a in super().active_associations if getattr(a, "pacs_go", None) is None or a.pacs_go.is_set()]
 
 
 class Scp:
@@ -323,7 +354,7 @@ class Scp:
         self._stats_lock = threading.Lock()
         self.server: PacsAssociationServer | None = None
 
-        ae = AE(ae_title=ae_title)
+        ae = ArchiveAE(ae_title=ae_title)
         ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
         ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
         ae.require_called_aet = True

@@ -46,6 +46,7 @@ _ELEMENT_OF = {keyword: (element, vr) for element, (keyword, vr) in COMMAND_ELEM
 
 C_STORE_RQ = 0x0001
 C_STORE_RSP = 0x8001
+C_ECHO_RQ = 0x0030
 C_ECHO_RSP = 0x8030
 C_FIND_RSP = 0x8020
 C_CANCEL_RQ = 0x0FFF

@@ -378,6 +378,7 @@ def test_a_standby_association_takes_each_new_connection(scp: Scp) -> None:
     prepared = standby._assoc
     assert prepared is not None and prepared.is_alive() and prepared.name == "StandbyAcceptor"
     assert prepared not in scp.server.active_associations  # waiting, not serving
+    assert prepared not in scp.ae.active_associations  # nor counted against the association limit
     assoc = associate(scp)
     assert assoc.is_established
     assert prepared.name.startswith("AcceptorThread") and prepared in scp.server.active_associations
@@ -417,3 +418,68 @@ def test_the_stop_ends_the_standby_and_aborts_inline_associations(transactional_
     while open_assoc.is_established and time.monotonic() < deadline:
         time.sleep(0.01)
     assert open_assoc.is_aborted
+
+
+def test_a_connection_closed_before_its_request_ends_its_thread_at_once(scp: Scp) -> None:
+    import socket
+
+    before = {t.ident for t in scp.server.active_associations}
+    with socket.create_connection(("127.0.0.1", scp.port)):
+        deadline = time.monotonic() + 5
+        while not [t for t in scp.server.active_associations if t.ident not in before] and time.monotonic() < deadline:
+            time.sleep(0.005)
+        started = [t for t in scp.server.active_associations if t.ident not in before]
+    assert started  # the connection got an association
+    for thread in started:
+        thread._started.wait(2)  # seen while still starting, maybe
+        thread.join(2)  # not the 30 s ACSE timeout: nothing can come on a closed connection
+        assert not thread.is_alive()
+    assoc = associate(scp)  # and the SCP goes on serving
+    assert assoc.is_established
+    assoc.release()
+
+
+def test_c_echo_is_answered_by_the_fast_path_unless_a_handler_is_bound(scp: Scp, monkeypatch) -> None:
+    from pynetdicom import evt
+
+    from archive.dimse import fastpath
+
+    served: list[str] = []
+    original = fastpath.PacsAssociation._serve_request
+    monkeypatch.setattr(
+        fastpath.PacsAssociation,
+        "_serve_request",
+        lambda self, msg, context_id: (served.append(type(msg).__name__), original(self, msg, context_id))[1],
+    )
+    assoc = associate(scp)
+    assert assoc.send_c_echo(msg_id=7).Status == status.SUCCESS
+    assert assoc.send_c_echo(msg_id=8).Status == status.SUCCESS
+    assoc.release()
+    assert served == []  # both answered without pynetdicom's Verification service
+
+    scp.server.bind(evt.EVT_C_ECHO, lambda event: 0x0210)  # the prepared association is replaced
+    assoc = associate(scp)
+    assert assoc.send_c_echo().Status == 0x0210
+    assoc.release()
+    assert served == ["C_ECHO"]
+
+
+def test_the_association_limit_counts_serving_associations_only(transactional_db) -> None:
+    server = Scp(ae_title="PACSPORTAL", port=0, bind="127.0.0.1", max_associations=2)
+    server.start()
+    try:
+        deadline = time.monotonic() + 5
+        while server.server.standby._assoc is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        first = associate(server)
+        time.sleep(0.1)  # a new standby is prepared meanwhile
+        assert server.server.standby._assoc is not None
+        second = associate(server)
+        assert first.is_established and second.is_established  # the prepared one does not count
+        time.sleep(0.1)
+        third = associate(server)
+        assert third.is_rejected  # rejected-transient, local limit exceeded (PS3.8 9.3.4)
+        for a in (first, second):
+            a.release()
+    finally:
+        server.stop(timeout=5)
