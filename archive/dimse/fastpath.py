@@ -58,7 +58,7 @@ from pynetdicom import evt
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dul import DULServiceProvider
-from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ
 from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT, A_RELEASE, P_DATA
 
 from archive.dimse import wire
@@ -200,6 +200,8 @@ class PacsDUL(DULServiceProvider):
         super().__init__(assoc)
         self.inline = False  # no thread: the owner's thread runs the reactor (``start``)
         self.owner: int | None = None
+        self._request: bytes | None = None  # the A-ASSOCIATE-RQ PDU, until it is answered
+        self._early: bytes | None = None  # the A-ASSOCIATE-AC sent before negotiation (``Negotiations``)
         self.to_user_queue = _UserQueue(assoc, self)
         self.io_lock = threading.RLock()
         self.lent = False  # the socket is lent to another thread (``borrowed``)
@@ -238,7 +240,7 @@ class PacsDUL(DULServiceProvider):
                 try:
                     if self._process_recv_primitive():
                         pass
-                    elif not self.lent and self._is_transport_event():
+                    elif not self.lent and not self._negotiating() and self._is_transport_event():
                         self._idle_timer.restart()
                 except Exception as exc:  # noqa: BLE001 - as pynetdicom: abort on any failure
                     log.error("DUL failure, aborting the association: %s", exc)
@@ -255,6 +257,59 @@ class PacsDUL(DULServiceProvider):
                 return False
             self._wait(timeout)
         return False
+
+    def _negotiating(self) -> bool:
+        """The peer has its A-ASSOCIATE-AC while ours is still being negotiated: what it
+        sends next (its first request) waits in the socket until the state machine has
+        sent the AC itself (Sta6); read in Sta3 it would be an unexpected PDU."""
+        return self._early is not None and self.state_machine.current_state in ("Sta1", "Sta2", "Sta3")
+
+    def _answer_early(self, request: bytes) -> None:
+        """An A-ASSOCIATE-RQ just read (PS3.8 9.3.2): keep it, and when the AE's
+        ``Negotiations`` know the answer to these very bytes, send it now."""
+        self._request = request
+        negotiations = getattr(self.assoc.ae, "pacs_negotiations", None)
+        if negotiations is None or not self.inline or not negotiations.may_answer(self.assoc):
+            return
+        answer = negotiations.get(request)
+        if answer is None:
+            return
+        raw = self.socket.socket  # type: ignore[union-attr]
+        try:
+            raw.sendall(answer)
+        except OSError:
+            return  # the state machine finds the connection gone
+        self._early = answer
+
+    def _send(self, pdu: Any) -> None:
+        """Send a PDU (pynetdicom's ``_send``). The answer to an A-ASSOCIATE-RQ is checked
+        against the one sent early, if any, and not sent twice; a new accepting answer is
+        remembered by the AE's ``Negotiations``."""
+        request = self._request
+        if request is None or not isinstance(pdu, (A_ASSOCIATE_AC, A_ASSOCIATE_RJ)):
+            super()._send(pdu)
+            return
+        early, self._request, self._early = self._early, None, None
+        data = pdu.encode()
+        negotiations = getattr(self.assoc.ae, "pacs_negotiations", None)
+        if early is not None:
+            if data == early:
+                evt.trigger(self.assoc, evt.EVT_PDU_SENT, {"pdu": pdu})
+                return
+            # Cannot happen while the AE's configuration and handlers stay as they were
+            # (Negotiations.clear when they change); the peer holds an answer we do not give.
+            log.error("the association was answered before its negotiation, differently; aborting it")
+            if negotiations is not None:
+                negotiations.clear()
+            self._abort_hard()
+            return
+        if isinstance(pdu, A_ASSOCIATE_AC) and negotiations is not None and negotiations.may_answer(self.assoc):
+            negotiations.put(request, data, self.assoc.pacs_generation)
+        if self.socket is not None:
+            self.socket.send(data)
+            evt.trigger(self.assoc, evt.EVT_PDU_SENT, {"pdu": pdu})
+        else:
+            log.warning("attempted to send data over a closed connection")
 
     def flush(self) -> None:
         """Inline, in the owner's thread: act on everything queued until the primitives
@@ -341,6 +396,9 @@ class PacsDUL(DULServiceProvider):
             log.error("the received PDU is shorter than expected (%d of %d bytes)", len(data), 6 + length)
             self.event_queue.put("Evt17")
             return
+        if pdu_type == 0x01 and self.assoc.is_acceptor and self.state_machine.current_state in ("Sta1", "Sta2"):
+            # (Sta1 still, when the connection's Evt5 is queued behind this read)
+            self._answer_early(bytes(data))
         pdu = _ReceivedPData.of(data) if pdu_type == wire.P_DATA_TF else None
         if pdu is not None:
             self.event_queue.put("Evt10")  # P-DATA-TF received
@@ -616,6 +674,12 @@ class PacsAssociation(pynetdicom_association.Association):
     pacs_go: threading.Event | None = None
     pacs_cancelled = False
 
+    def __init__(self, ae: Any, mode: str) -> None:
+        negotiations = getattr(ae, "pacs_negotiations", None)
+        # The known answers' generation when this association took the AE's handlers.
+        self.pacs_generation = negotiations.generation if negotiations is not None else 0
+        super().__init__(ae, mode)
+
     def run(self) -> None:
         if self.pacs_go is not None:
             self.pacs_go.wait()
@@ -756,6 +820,61 @@ class PacsAssociation(pynetdicom_association.Association):
             send_message(self, request.context_id, response)
         except Interrupted as exc:
             log.warning("C-STORE response not sent: %s", exc)
+
+
+class Negotiations:
+    """The A-ASSOCIATE-AC PDUs pynetdicom gave, by the A-ASSOCIATE-RQ PDU they answer,
+    byte for byte (PS3.8 9.3.2, 9.3.3).
+
+    A modality or workstation asks for its associations with the same request every time;
+    with the AE's configuration and negotiation handlers unchanged, pynetdicom's answer to
+    the same bytes is the same. An inline association sends the known answer as soon as
+    the request is read, then negotiates as usual and checks that its answer is the one
+    sent (``PacsDUL._send``; a difference aborts the association and empties this). The
+    requestor has its answer without waiting for the request's decoding, the negotiation
+    and the answer's encoding (most of a millisecond of Python).
+
+    Only an AE whose negotiation handlers (EVT_REQUESTED, user identity, extended
+    negotiation, asynchronous operations) are pynetdicom's defaults answers early, and only
+    while it is under its association limit; ``clear`` when the configuration changes.
+    """
+
+    NEGOTIATION_EVENTS = (evt.EVT_USER_ID, evt.EVT_SOP_EXTENDED, evt.EVT_SOP_COMMON, evt.EVT_ASYNC_OPS)
+
+    def __init__(self, size: int = 256) -> None:
+        self._answers: dict[bytes, bytes] = {}
+        self._lock = threading.Lock()
+        self.size = size
+        self.generation = 0  # counts clears: an association built before one keeps no answer
+
+    def get(self, request: bytes) -> bytes | None:
+        return self._answers.get(request)
+
+    def put(self, request: bytes, answer: bytes, generation: int) -> None:
+        """Keep ``answer``, given by an association built at ``generation``."""
+        with self._lock:
+            if generation != self.generation:
+                return  # its handlers may be those of before the last clear
+            if request not in self._answers and len(self._answers) >= self.size:
+                self._answers.pop(next(iter(self._answers)))  # the oldest
+            self._answers[request] = answer
+
+    def clear(self) -> None:
+        with self._lock:
+            self._answers.clear()
+            self.generation += 1
+
+    def may_answer(self, assoc: Any) -> bool:
+        """Whether ``assoc`` would be answered the same as before: default negotiation
+        handlers, and the AE under its association limit (as pynetdicom counts it)."""
+        if assoc.get_handlers(evt.EVT_REQUESTED):
+            return False
+        for event in self.NEGOTIATION_EVENTS:
+            handler = assoc.get_handlers(event)
+            if not handler or handler[0] is not evt.get_default_handler(event):
+                return False
+        ae = assoc.ae
+        return len([a for a in ae.active_associations if a.is_acceptor]) <= ae.maximum_associations
 
 
 def _artim(assoc: Any) -> float:

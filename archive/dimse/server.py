@@ -149,13 +149,18 @@ class PacsAssociationServer(ThreadedAssociationServer):
 
     def bind(self, event, handler, args=None) -> None:  # type: ignore[override]
         super().bind(event, handler, args)
-        if self.standby is not None:
-            self.standby.discard()  # prepared with the handlers of before
+        self._handlers_changed()
 
     def unbind(self, event, handler) -> None:  # type: ignore[override]
         super().unbind(event, handler)
+        self._handlers_changed()
+
+    def _handlers_changed(self) -> None:
         if self.standby is not None:
-            self.standby.discard()
+            self.standby.discard()  # prepared with the handlers of before
+        negotiations = getattr(self.ae, "pacs_negotiations", None)
+        if negotiations is not None:
+            negotiations.clear()  # answers given with the handlers of before
 
     def prepare(self) -> fastpath.PacsAssociation:
         """An acceptor association set up with everything that does not depend on its
@@ -246,6 +251,7 @@ class Standby:
         self._lock = threading.Lock()
         self._wanted = threading.Event()
         self._closed = False
+        self._generation = 0  # counts discards: one prepared during a discard is dropped
         self._thread = threading.Thread(target=self._run, name="scp-standby", daemon=True)
 
     def start(self) -> None:
@@ -263,6 +269,7 @@ class Standby:
         """Drop the prepared association (its handlers changed); prepare another."""
         with self._lock:
             assoc, self._assoc = self._assoc, None
+            self._generation += 1
         if assoc is not None:
             _cancel(assoc)
         self._wanted.set()
@@ -290,14 +297,17 @@ class Standby:
                     return
                 if self._assoc is not None:
                     continue
+                generation = self._generation
             try:
                 assoc = self.server.prepare()
             except Exception:  # noqa: BLE001 - then each connection builds its own, as before
                 log.exception("cannot prepare a standby association")
                 return
             with self._lock:
-                if self._closed or self._assoc is not None:
+                if self._closed or self._assoc is not None or generation != self._generation:
                     _cancel(assoc)
+                    if generation != self._generation:
+                        self._wanted.set()  # handlers changed meanwhile: prepare another
                 else:
                     self._assoc = assoc
 
@@ -371,6 +381,8 @@ class Scp:
         # C-STOREs read by the fast path (archive.dimse.fastpath.PacsDIMSE) are stored here,
         # as EVT_C_STORE's handler stores those pynetdicom reads.
         ae.pacs_store = functools.partial(store_file, stats_for=self.stats_for, in_flight=self.in_flight)
+        # Answers to association requests seen before (fastpath.Negotiations).
+        ae.pacs_negotiations = fastpath.Negotiations()
         # The associations' audit events (archive.dimse.nodes.audit_dimse) are written here.
         self.audit = ae.pacs_audit = AuditWriter()
         self.ae = ae

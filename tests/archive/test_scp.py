@@ -483,3 +483,71 @@ def test_the_association_limit_counts_serving_associations_only(transactional_db
             a.release()
     finally:
         server.stop(timeout=5)
+
+
+def test_a_known_association_request_is_answered_before_its_negotiation(scp: Scp, monkeypatch) -> None:
+    from archive.dimse import fastpath
+
+    early: list[bool] = []
+    original = fastpath.PacsDUL._answer_early
+
+    def answer_early(self, request: bytes) -> None:
+        original(self, request)
+        early.append(self._early is not None)
+
+    monkeypatch.setattr(fastpath.PacsDUL, "_answer_early", answer_early)
+    for _ in range(3):
+        assoc = associate(scp)
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == status.SUCCESS
+        assert assoc.send_c_store(make_dataset(modality="CT")).Status == status.SUCCESS
+        assoc.release()
+    assert early == [False, True, True]  # the first request is negotiated, its answer kept
+    other = associate(scp, calling="OTHER")  # other bytes: negotiated
+    assert other.is_established
+    other.release()
+    rejected = associate(scp, called="SOMEONE")  # a rejection is never kept
+    assert rejected.is_rejected
+    rejected = associate(scp, called="SOMEONE")
+    assert rejected.is_rejected
+    assert early == [False, True, True, False, False, False]
+    result = run_dcmtk("echoscu", "-aec", "PACSPORTAL", "127.0.0.1", str(scp.port))
+    result = run_dcmtk("echoscu", "-aec", "PACSPORTAL", "127.0.0.1", str(scp.port))
+    assert result.returncode == 0, result.stderr
+    assert early[-2:] == [False, True]
+
+
+def test_an_early_answer_that_negotiation_would_not_give_aborts_and_is_forgotten(scp: Scp, caplog) -> None:
+    assoc = associate(scp)
+    assoc.release()
+    negotiations = scp.ae.pacs_negotiations
+    (request, answer), = negotiations._answers.items()
+    # As if the configuration had changed without clearing: the peer gets an answer
+    # negotiation would not give (another maximum PDU length), then an abort.
+    negotiations._answers[request] = answer.replace(b"\x51\x00\x00\x04\x00\x00\x00\x00", b"\x51\x00\x00\x04\x00\x00\x40\x00")
+    assert negotiations._answers[request] != answer
+    assoc = associate(scp)
+    deadline = time.monotonic() + 5
+    while not assoc.is_aborted and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert assoc.is_aborted
+    assert "answered before its negotiation, differently" in caplog.text
+    assert negotiations._answers == {}
+    assoc = associate(scp)  # negotiated again, as the first time
+    assert assoc.is_established and assoc.send_c_echo().Status == status.SUCCESS
+    assoc.release()
+    assert negotiations._answers == {request: answer}
+
+
+def test_changed_handlers_forget_the_known_answers(scp: Scp) -> None:
+    from pynetdicom import evt
+
+    assoc = associate(scp)
+    assoc.release()
+    assert scp.ae.pacs_negotiations._answers
+    scp.server.bind(evt.EVT_REQUESTED, lambda event: None)
+    assert scp.ae.pacs_negotiations._answers == {}
+    assoc = associate(scp)
+    assert assoc.is_established
+    assoc.release()
+    assert scp.ae.pacs_negotiations._answers == {}  # an EVT_REQUESTED handler may decide otherwise
