@@ -58,7 +58,7 @@ from pynetdicom import evt
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dul import DULServiceProvider
-from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ
+from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_RELEASE_RP
 from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT, A_RELEASE, P_DATA
 
 from archive.dimse import wire
@@ -79,6 +79,9 @@ _MAX_BUFFERS = 1000
 
 
 _PDU_TYPES = frozenset(range(0x01, 0x08))  # PS3.8 9.3.1: A-ASSOCIATE-RQ .. A-ABORT
+# A-RELEASE-RQ and A-RELEASE-RP PDUs (PS3.8 9.3.6, 9.3.7): their reserved fields are zeros.
+RELEASE_RQ = b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00"
+RELEASE_RP = b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00"
 
 
 def _recv_exactly(sock: socket.socket, count: int, head: bytes = b"") -> bytearray:
@@ -202,6 +205,7 @@ class PacsDUL(DULServiceProvider):
         self.owner: int | None = None
         self._request: bytes | None = None  # the A-ASSOCIATE-RQ PDU, until it is answered
         self._early: bytes | None = None  # the A-ASSOCIATE-AC sent before negotiation (``Negotiations``)
+        self._released: bytes | None = None  # the A-RELEASE-RP sent as the A-RELEASE-RQ was read
         self.to_user_queue = _UserQueue(assoc, self)
         self.io_lock = threading.RLock()
         self.lent = False  # the socket is lent to another thread (``borrowed``)
@@ -261,8 +265,32 @@ class PacsDUL(DULServiceProvider):
     def _negotiating(self) -> bool:
         """The peer has its A-ASSOCIATE-AC while ours is still being negotiated: what it
         sends next (its first request) waits in the socket until the state machine has
-        sent the AC itself (Sta6); read in Sta3 it would be an unexpected PDU."""
-        return self._early is not None and self.state_machine.current_state in ("Sta1", "Sta2", "Sta3")
+        sent the AC itself (Sta6); read in Sta3 it would be an unexpected PDU. Likewise
+        the peer has its A-RELEASE-RP (and may close the connection) while the release is
+        still on its way through the state machine (Sta6, Sta8)."""
+        state = self.state_machine.current_state
+        if self._early is not None and state in ("Sta1", "Sta2", "Sta3"):
+            return True
+        return self._released is not None and state in ("Sta6", "Sta8")
+
+    def _release_early(self) -> None:
+        """An A-RELEASE-RQ read while the association is idle (PS3.8 7.2): no request is
+        being served or waits to be, so the answer can only be an A-RELEASE-RP (AR-2 then
+        AR-4 of PS3.8 9.2), sent now; the state machine then goes through the release as
+        usual and ``_send`` does not send the RP again."""
+        assoc = self.assoc
+        if not (self.inline and assoc.is_acceptor and threading.get_ident() == self.owner and not self.lent):
+            return
+        dimse = assoc.dimse
+        if assoc._is_paused or getattr(dimse, "_store", None) is not None or dimse.message is not None:
+            return
+        if not dimse.msg_queue.empty() or self.state_machine.current_state != "Sta6":
+            return
+        try:
+            self.socket.socket.sendall(RELEASE_RP)  # type: ignore[union-attr]
+        except OSError:
+            return
+        self._released = RELEASE_RP
 
     def _answer_early(self, request: bytes) -> None:
         """An A-ASSOCIATE-RQ just read (PS3.8 9.3.2): keep it, and when the AE's
@@ -286,6 +314,14 @@ class PacsDUL(DULServiceProvider):
         against the one sent early, if any, and not sent twice; a new accepting answer is
         remembered by the AE's ``Negotiations``."""
         request = self._request
+        if self._released is not None and isinstance(pdu, A_RELEASE_RP):
+            released, self._released = self._released, None
+            if pdu.encode() == released:
+                evt.trigger(self.assoc, evt.EVT_PDU_SENT, {"pdu": pdu})
+                return
+            log.error("the release was answered early, differently; aborting the association")
+            self._abort_hard()
+            return
         if request is None or not isinstance(pdu, (A_ASSOCIATE_AC, A_ASSOCIATE_RJ)):
             super()._send(pdu)
             return
@@ -399,6 +435,8 @@ class PacsDUL(DULServiceProvider):
         if pdu_type == 0x01 and self.assoc.is_acceptor and self.state_machine.current_state in ("Sta1", "Sta2"):
             # (Sta1 still, when the connection's Evt5 is queued behind this read)
             self._answer_early(bytes(data))
+        elif pdu_type == 0x05 and data == RELEASE_RQ:
+            self._release_early()
         pdu = _ReceivedPData.of(data) if pdu_type == wire.P_DATA_TF else None
         if pdu is not None:
             self.event_queue.put("Evt10")  # P-DATA-TF received
@@ -487,6 +525,8 @@ class FastStore:
     """A C-STORE-RQ read by ``PacsDIMSE`` (PS3.7 9.3.1.1): its command set, decoded by
     ``wire``, and the Part 10 file its data set was written into as it arrived."""
 
+    kind = "C-STORE"
+
     def __init__(self, command: dict[str, Any], context_id: int, file: "ReceiveFile") -> None:
         self.command = command
         self.context_id = context_id
@@ -495,6 +535,41 @@ class FastStore:
     @property
     def path(self) -> str:
         return self.file.name  # type: ignore[return-value]
+
+    def write(self, fragment: memoryview) -> None:
+        self.file.write(fragment)
+
+    def done(self) -> None:
+        self.file.close()
+
+    def discard(self) -> None:
+        self.file.close()
+        os.unlink(self.path)
+
+
+class FastFind:
+    """A C-FIND-RQ read by ``PacsDIMSE`` (PS3.7 9.1.2.1): its command set, decoded by
+    ``wire``, and its identifier's bytes, for the AE's ``pacs_find``."""
+
+    kind = "C-FIND"
+
+    def __init__(self, command: dict[str, Any], context_id: int) -> None:
+        self.command = command
+        self.context_id = context_id
+        self.identifier = bytearray()
+
+    def write(self, fragment: memoryview) -> None:
+        self.identifier += fragment
+
+    def done(self) -> None:
+        pass
+
+    def discard(self) -> None:
+        self.identifier = bytearray()
+
+
+# The Query/Retrieve FIND SOP classes a C-FIND-RQ is read here for (PS3.4 C.6.1.1, C.6.2.1).
+FIND_MODELS = frozenset({"1.2.840.10008.5.1.4.1.2.1.1", "1.2.840.10008.5.1.4.1.2.2.1"})
 
 
 class FastEcho:
@@ -532,7 +607,7 @@ class PacsDIMSE(DIMSEServiceProvider):
             self.msg_queue = _InlineQueue(assoc.dul)  # the owner pumps an inline DUL while it waits
         self._held: list[Any] = []  # P-DATA primitives of a command set not yet complete
         self._command = bytearray()
-        self._store: FastStore | None = None  # the C-STORE whose data set is arriving
+        self._store: FastStore | FastFind | None = None  # the request whose data set is arriving
 
     def receive_primitive(self, primitive: Any) -> None:  # type: ignore[override]
         if self._store is None and (self.message is not None or not self._takes_stores()):
@@ -566,7 +641,10 @@ class PacsDIMSE(DIMSEServiceProvider):
                         self._held, self._command = [], bytearray()
                         self.msg_queue.put((context_id, FastEcho(command, context_id)))
                         return
-                    self._store = self._start(command, context_id)
+                    if self._is_find(command, context_id):
+                        self._store = FastFind(command, context_id)
+                    else:
+                        self._store = self._start(command, context_id)
                     self._held, self._command = [], bytearray()
                     self._write(values[index + 1 :])
                     return
@@ -585,6 +663,17 @@ class PacsDIMSE(DIMSEServiceProvider):
             return False
         handler = self.assoc.get_handlers(evt.EVT_C_ECHO)
         return bool(handler) and handler[0] is evt.get_default_handler(evt.EVT_C_ECHO)
+
+    def _is_find(self, command: dict[str, Any], context_id: int) -> bool:
+        """A C-FIND-RQ with an identifier (PS3.7 9.3.2.1) on a Query/Retrieve FIND context
+        of its own SOP class, for an AE that answers them itself (``ae.pacs_find``)."""
+        if command.get("CommandField") != wire.C_FIND_RQ or getattr(self.assoc.ae, "pacs_find", None) is None:
+            return False
+        if command.get("MessageID") is None or command.get("CommandDataSetType", wire.NO_DATASET) == wire.NO_DATASET:
+            return False
+        context = self.assoc._accepted_cx.get(context_id)
+        sop_class = command.get("AffectedSOPClassUID") or ""
+        return context is not None and sop_class in FIND_MODELS and str(context.abstract_syntax) == sop_class
 
     def _start(self, command: dict[str, Any], context_id: int) -> FastStore:
         """The receive file of a C-STORE-RQ taken here, its File Meta Information written."""
@@ -620,14 +709,13 @@ class PacsDIMSE(DIMSEServiceProvider):
                 # A command fragment inside a data set, or another context: not a valid
                 # message (PS3.8 E.2). The state machine aborts on Evt19, as pynetdicom does.
                 self._store = None
-                store.file.close()
-                os.unlink(store.path)
-                log.error("a C-STORE data set was interrupted by another message fragment")
+                store.discard()
+                log.error("a %s data set was interrupted by another message fragment", store.kind)
                 self.dul.event_queue.put("Evt19")
                 return
-            store.file.write(memoryview(data)[1:])
+            store.write(memoryview(data)[1:])
             if header & 0x02:
-                store.file.close()
+                store.done()
                 self._store = None
                 self.msg_queue.put((context_id, store))
                 return
@@ -740,6 +828,8 @@ class PacsAssociation(pynetdicom_association.Association):
                 self._serve_store(msg)
             elif isinstance(msg, FastEcho):
                 self._serve_echo(msg)
+            elif isinstance(msg, FastFind):
+                self._serve_find(msg)
             elif msg:
                 self._serve_request(msg, int(context_id))
             if self.is_established and self.acse.is_release_requested():
@@ -771,6 +861,23 @@ class PacsAssociation(pynetdicom_association.Association):
                 self.kill()
                 return
 
+
+    def _serve_find(self, request: FastFind) -> None:
+        """A C-FIND-RQ read by ``PacsDIMSE``: answered by ``ae.pacs_find`` (the archive's
+        C-FIND SCP, PS3.4 C.4.1.3), as pynetdicom's ``_serve_request`` would call it."""
+        if self._sent_release:
+            log.warning("C-FIND request received during association release, ignored")
+            return
+        self.dimse.cancel_req = {}
+        self._is_paused = True  # as pynetdicom, for a service that sends requests itself
+        try:
+            self.ae.pacs_find(self, request)
+        except Exception as exc:  # noqa: BLE001 - as pynetdicom: a failing service aborts
+            log.exception("C-FIND failed: %s", exc)
+            self.abort()
+        finally:
+            self._is_paused = False
+            self.dimse.cancel_req = {}
 
     def _serve_echo(self, request: FastEcho) -> None:
         """A C-ECHO-RQ read by ``PacsDIMSE``: answered with Success (PS3.4 A.4, PS3.7 9.3.5.2),

@@ -17,8 +17,10 @@ import logging
 import socket
 import time
 from io import BytesIO
+from types import SimpleNamespace
 
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from pynetdicom import _config, association, evt
 from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.dsutils import decode, encode
@@ -87,6 +89,19 @@ class ArchiveQueryRetrieve(QueryRetrieveServiceClass):
 
     def _get_scp(self, req: C_GET, context) -> None:
         _Retrieval(self, req, context, C_GET()).run()
+
+
+def serve_find(assoc, request: fastpath.FastFind) -> None:
+    """A C-FIND-RQ read by the fast path (``fastpath.FastFind``): the same C-FIND SCP as
+    ``ArchiveQueryRetrieve._c_find_scp``, without pynetdicom's decoding of the command set
+    into a message and a primitive (PS3.7 9.1.2)."""
+    command = request.command
+    req = SimpleNamespace(
+        AffectedSOPClassUID=UID(command["AffectedSOPClassUID"]),
+        MessageID=int(command["MessageID"]),
+        Identifier=BytesIO(bytes(request.identifier)),
+    )
+    find.serve(ArchiveQueryRetrieve(assoc), req, assoc._accepted_cx[request.context_id])
 
 
 def install() -> None:

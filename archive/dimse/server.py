@@ -381,6 +381,8 @@ class Scp:
         # C-STOREs read by the fast path (archive.dimse.fastpath.PacsDIMSE) are stored here,
         # as EVT_C_STORE's handler stores those pynetdicom reads.
         ae.pacs_store = functools.partial(store_file, stats_for=self.stats_for, in_flight=self.in_flight)
+        # C-FINDs read by the fast path are answered here, as ArchiveQueryRetrieve does.
+        ae.pacs_find = move.serve_find
         # Answers to association requests seen before (fastpath.Negotiations).
         ae.pacs_negotiations = fastpath.Negotiations()
         # The associations' audit events (archive.dimse.nodes.audit_dimse) are written here.

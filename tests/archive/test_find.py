@@ -239,3 +239,47 @@ def test_the_audit_writer_writes_what_queued_meanwhile_in_one_batch(monkeypatch)
     writer.stop()
     assert written == [f"AE{number}" for number in range(10)]
     assert len(waits) <= 2  # the first batch, and at most one more for the stop
+
+
+def test_c_find_is_read_by_the_fast_path(qr, monkeypatch) -> None:
+    from archive.dimse import fastpath
+
+    served: list[str] = []
+    original = fastpath.PacsAssociation._serve_request
+    monkeypatch.setattr(
+        fastpath.PacsAssociation,
+        "_serve_request",
+        lambda self, msg, context_id: (
+            served.append(type(msg).__name__) if self.is_acceptor else None,  # the SCP's side only
+            original(self, msg, context_id),
+        )[1],
+    )
+    keys = {"PatientName": "doe*", "StudyInstanceUID": ""}
+    answers, final = c_find(qr, "STUDY", keys)
+    assert final.Status == status.SUCCESS and len(answers) == 2
+    answers, final = c_find(qr, "PATIENT", {"PatientID": "P2"}, model=PatientRootQueryRetrieveInformationModelFind)
+    assert final.Status == status.SUCCESS and [a.PatientID for a in answers] == ["P2"]
+    assert served == []  # neither went through pynetdicom's messages and Query/Retrieve service
+    # A request of a FIND SOP class on another class's context is pynetdicom's to refuse.
+    ae = AE(ae_title="WORKSTATION")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", qr.port, ae_title="PACSPORTAL")
+    command = fastpath.wire.command_set(
+        AffectedSOPClassUID=str(PatientRootQueryRetrieveInformationModelFind),
+        CommandField=fastpath.wire.C_FIND_RQ,
+        MessageID=3,
+        Priority=0,
+        CommandDataSetType=fastpath.wire.DATASET_PRESENT,
+    )
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "PATIENT"
+    identifier.PatientID = ""
+    from pynetdicom.dsutils import encode
+
+    fastpath.send_message(assoc, assoc.accepted_contexts[0].context_id, command, encode(identifier, False, True))
+    deadline = time.monotonic() + 5
+    while not served and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert served == ["C_FIND"]
+    if assoc.is_established:
+        assoc.abort()

@@ -533,9 +533,11 @@ def test_an_early_answer_that_negotiation_would_not_give_aborts_and_is_forgotten
     assert assoc.is_aborted
     assert "answered before its negotiation, differently" in caplog.text
     assert negotiations._answers == {}
-    assoc = associate(scp)  # negotiated again, as the first time
-    assert assoc.is_established and assoc.send_c_echo().Status == status.SUCCESS
-    assoc.release()
+    for _ in range(2):  # negotiated again; kept by an association built after the clear
+        assoc = associate(scp)
+        assert assoc.is_established and assoc.send_c_echo().Status == status.SUCCESS
+        assoc.release()
+        time.sleep(0.1)
     assert negotiations._answers == {request: answer}
 
 
@@ -551,3 +553,29 @@ def test_changed_handlers_forget_the_known_answers(scp: Scp) -> None:
     assert assoc.is_established
     assoc.release()
     assert scp.ae.pacs_negotiations._answers == {}  # an EVT_REQUESTED handler may decide otherwise
+
+
+def test_a_release_request_of_an_idle_association_is_answered_as_it_is_read(scp: Scp, monkeypatch, caplog) -> None:
+    from archive.dimse import fastpath
+
+    early: list[bool] = []
+    original = fastpath.PacsDUL._release_early
+
+    def release_early(self) -> None:
+        original(self)
+        early.append(self._released is not None)
+
+    monkeypatch.setattr(fastpath.PacsDUL, "_release_early", release_early)
+    caplog.set_level(logging.INFO, logger="archive.dimse")
+    assoc = associate(scp)
+    assert assoc.send_c_store(make_dataset(modality="CT")).Status == status.SUCCESS
+    server_assoc = next(iter(scp.server.active_associations))
+    assoc.release()
+    assert assoc.is_released
+    server_assoc.join(5)
+    assert early == [True]
+    assert server_assoc.is_released and not server_assoc.is_aborted
+    assert "association released: calling AE MODALITY" in caplog.text and "1 stored" in caplog.text
+    result = run_dcmtk("echoscu", "-aec", "PACSPORTAL", "127.0.0.1", str(scp.port))
+    assert result.returncode == 0, result.stderr
+    assert early == [True, True]
