@@ -204,6 +204,7 @@ class PacsDUL(DULServiceProvider):
         self.inline = False  # no thread: the owner's thread runs the reactor (``start``)
         self.owner: int | None = None
         self._request: bytes | None = None  # the A-ASSOCIATE-RQ PDU, until it is answered
+        self._request_pdu: Any = None  # and as pynetdicom decoded it
         self._early: bytes | None = None  # the A-ASSOCIATE-AC sent before negotiation (``Negotiations``)
         self._released: bytes | None = None  # the A-RELEASE-RP sent as the A-RELEASE-RQ was read
         self.to_user_queue = _UserQueue(assoc, self)
@@ -292,22 +293,25 @@ class PacsDUL(DULServiceProvider):
             return
         self._released = RELEASE_RP
 
-    def _answer_early(self, request: bytes) -> None:
+    def _answer_early(self, request: bytes) -> Any:
         """An A-ASSOCIATE-RQ just read (PS3.8 9.3.2): keep it, and when the AE's
-        ``Negotiations`` know the answer to these very bytes, send it now."""
+        ``Negotiations`` know the answer to these very bytes, send it now and return the
+        request as pynetdicom decoded it then (else None)."""
         self._request = request
         negotiations = getattr(self.assoc.ae, "pacs_negotiations", None)
         if negotiations is None or not self.inline or not negotiations.may_answer(self.assoc):
-            return
-        answer = negotiations.get(request)
-        if answer is None:
-            return
+            return None
+        known = negotiations.get(request)
+        if known is None:
+            return None
+        answer, decoded = known
         raw = self.socket.socket  # type: ignore[union-attr]
         try:
             raw.sendall(answer)
         except OSError:
-            return  # the state machine finds the connection gone
+            return None  # the state machine finds the connection gone
         self._early = answer
+        return decoded
 
     def _send(self, pdu: Any) -> None:
         """Send a PDU (pynetdicom's ``_send``). The answer to an A-ASSOCIATE-RQ is checked
@@ -340,7 +344,7 @@ class PacsDUL(DULServiceProvider):
             self._abort_hard()
             return
         if isinstance(pdu, A_ASSOCIATE_AC) and negotiations is not None and negotiations.may_answer(self.assoc):
-            negotiations.put(request, data, self.assoc.pacs_generation)
+            negotiations.put(request, (data, self._request_pdu), self.assoc.pacs_generation)
         if self.socket is not None:
             self.socket.send(data)
             evt.trigger(self.assoc, evt.EVT_PDU_SENT, {"pdu": pdu})
@@ -434,7 +438,12 @@ class PacsDUL(DULServiceProvider):
             return
         if pdu_type == 0x01 and self.assoc.is_acceptor and self.state_machine.current_state in ("Sta1", "Sta2"):
             # (Sta1 still, when the connection's Evt5 is queued behind this read)
-            self._answer_early(bytes(data))
+            known = self._answer_early(bytes(data))
+            if known is not None:  # decoded before: pynetdicom's PDU object, only read from
+                evt.trigger(self.assoc, evt.EVT_PDU_RECV, {"pdu": known})
+                self.event_queue.put("Evt6")  # A-ASSOCIATE-RQ received
+                self._recv_pdu.put(known)
+                return
         elif pdu_type == 0x05 and data == RELEASE_RQ:
             self._release_early()
         pdu = _ReceivedPData.of(data) if pdu_type == wire.P_DATA_TF else None
@@ -448,6 +457,8 @@ class PacsDUL(DULServiceProvider):
             log.error("unable to decode the received PDU: %s", exc)
             self.event_queue.put("Evt19")
             return
+        if pdu_type == 0x01:
+            self._request_pdu = pdu
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
 
@@ -931,7 +942,8 @@ class PacsAssociation(pynetdicom_association.Association):
 
 class Negotiations:
     """The A-ASSOCIATE-AC PDUs pynetdicom gave, by the A-ASSOCIATE-RQ PDU they answer,
-    byte for byte (PS3.8 9.3.2, 9.3.3).
+    byte for byte (PS3.8 9.3.2, 9.3.3), with the request as pynetdicom decoded it (its PDU
+    object is only read from: ``to_primitive`` builds new objects for each association).
 
     A modality or workstation asks for its associations with the same request every time;
     with the AE's configuration and negotiation handlers unchanged, pynetdicom's answer to
@@ -949,16 +961,18 @@ class Negotiations:
     NEGOTIATION_EVENTS = (evt.EVT_USER_ID, evt.EVT_SOP_EXTENDED, evt.EVT_SOP_COMMON, evt.EVT_ASYNC_OPS)
 
     def __init__(self, size: int = 256) -> None:
-        self._answers: dict[bytes, bytes] = {}
+        self._answers: dict[bytes, tuple[bytes, Any]] = {}
         self._lock = threading.Lock()
         self.size = size
         self.generation = 0  # counts clears: an association built before one keeps no answer
 
-    def get(self, request: bytes) -> bytes | None:
+    def get(self, request: bytes) -> tuple[bytes, Any] | None:
+        """(the answer's bytes, the decoded request) for a request's bytes, or None."""
         return self._answers.get(request)
 
-    def put(self, request: bytes, answer: bytes, generation: int) -> None:
-        """Keep ``answer``, given by an association built at ``generation``."""
+    def put(self, request: bytes, answer: tuple[bytes, Any], generation: int) -> None:
+        """Keep ``answer`` (bytes, decoded request), given by an association built at
+        ``generation``."""
         with self._lock:
             if generation != self.generation:
                 return  # its handlers may be those of before the last clear

@@ -521,11 +521,12 @@ def test_an_early_answer_that_negotiation_would_not_give_aborts_and_is_forgotten
     assoc = associate(scp)
     assoc.release()
     negotiations = scp.ae.pacs_negotiations
-    (request, answer), = negotiations._answers.items()
+    (request, (answer, decoded)), = negotiations._answers.items()
     # As if the configuration had changed without clearing: the peer gets an answer
     # negotiation would not give (another maximum PDU length), then an abort.
-    negotiations._answers[request] = answer.replace(b"\x51\x00\x00\x04\x00\x00\x00\x00", b"\x51\x00\x00\x04\x00\x00\x40\x00")
-    assert negotiations._answers[request] != answer
+    wrong = answer.replace(b"\x51\x00\x00\x04\x00\x00\x00\x00", b"\x51\x00\x00\x04\x00\x00\x40\x00")
+    assert wrong != answer
+    negotiations._answers[request] = (wrong, decoded)
     assoc = associate(scp)
     deadline = time.monotonic() + 5
     while not assoc.is_aborted and time.monotonic() < deadline:
@@ -538,7 +539,7 @@ def test_an_early_answer_that_negotiation_would_not_give_aborts_and_is_forgotten
         assert assoc.is_established and assoc.send_c_echo().Status == status.SUCCESS
         assoc.release()
         time.sleep(0.1)
-    assert negotiations._answers == {request: answer}
+    assert list(negotiations._answers) == [request] and negotiations._answers[request][0] == answer
 
 
 def test_changed_handlers_forget_the_known_answers(scp: Scp) -> None:
