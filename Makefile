@@ -42,6 +42,7 @@ test: setup-dev
 bench: setup-dev
 	$(PY) bench/ingest.py --db both
 	$(PY) bench/query.py --db both
+	$(PY) bench/association.py --db sqlite
 	$(PY) bench/move.py --db both
 	$(PY) bench/viewer.py --db both
 	$(PY) bench/audit.py --db both

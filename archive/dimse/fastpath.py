@@ -25,11 +25,20 @@ C-STORE of a 512 KB CT slice to a peer taking 16 KB PDUs that is 33 PDUs; for a 
   request/response exchanges (C-STORE sub-operations): the DUL stops reading it, the caller
   writes its requests and reads the responses itself, and any other PDU it meets (an
   A-ABORT, an A-RELEASE-RQ) goes back to the DUL, which handles it as usual.
+- On an acceptor's association (a plain socket), ``PacsDUL`` runs *inline*: no DUL thread;
+  the association's own thread turns the state machine whenever it waits (``pump``), so an
+  association is one thread and a PDU is read, decoded and served without changing threads.
+- ``Negotiations`` answers an A-ASSOCIATE-RQ seen before, byte for byte, with the
+  A-ASSOCIATE-AC pynetdicom gave it, as soon as it is read; the negotiation then runs as
+  usual and its answer is checked against the one sent. An idle association's
+  A-RELEASE-RQ is answered as it is read.
+- C-ECHO and C-FIND requests are read by ``PacsDIMSE`` too (``FastEcho``, ``FastFind``).
 
 Everything else (association negotiation, the state machine, release, abort, timeouts,
 every other service) stays pynetdicom's. Messages that go the fast way do not trigger
 pynetdicom's EVT_PDU_SENT, EVT_DIMSE_SENT, EVT_PDU_RECV or EVT_DIMSE_RECV notifications, and
-a C-STORE received the fast way calls ``ae.pacs_store`` instead of EVT_C_STORE's handlers.
+a C-STORE or C-FIND received the fast way calls ``ae.pacs_store`` or ``ae.pacs_find``
+instead of EVT_C_STORE's or EVT_C_FIND's handlers.
 ``install()`` makes pynetdicom build its associations from these classes; it is written
 against pynetdicom 3.0 (pinned in requirements.txt) and refuses any other major version.
 """
@@ -239,25 +248,11 @@ class PacsDUL(DULServiceProvider):
         for attempt in (0, 1):
             if self._kill_thread:
                 return False
-            if self.artim_timer.expired:
-                self.event_queue.put("Evt18")
-            with self.io_lock:
-                try:
-                    if self._process_recv_primitive():
-                        pass
-                    elif not self.lent and not self._negotiating() and self._is_transport_event():
-                        self._idle_timer.restart()
-                except Exception as exc:  # noqa: BLE001 - as pynetdicom: abort on any failure
-                    log.error("DUL failure, aborting the association: %s", exc)
-                    self._abort_hard()
-                    return False
-                try:
-                    event = self.event_queue.get(block=False)
-                except queue.Empty:
-                    event = None
-                if event is not None:
-                    self.state_machine.do_action(event)
-                    return True
+            acted = self._turn()
+            if acted is None:
+                return False
+            if acted:
+                return True
             if attempt or timeout <= 0:
                 return False
             self._wait(timeout)
@@ -350,6 +345,30 @@ class PacsDUL(DULServiceProvider):
             evt.trigger(self.assoc, evt.EVT_PDU_SENT, {"pdu": pdu})
         else:
             log.warning("attempted to send data over a closed connection")
+
+    def _turn(self) -> bool | None:
+        """One turn of the reactor (pynetdicom's ``run_reactor`` loop body, PS3.8 9.2): a
+        queued primitive or a received PDU becomes an event, and one event is acted on.
+        True when an event was acted on, False when there was nothing to do, None when a
+        failure aborted the association."""
+        if self.artim_timer.expired:
+            self.event_queue.put("Evt18")
+        with self.io_lock:
+            try:
+                if self._process_recv_primitive():
+                    pass
+                elif not self.lent and not self._negotiating() and self._is_transport_event():
+                    self._idle_timer.restart()
+            except Exception as exc:  # noqa: BLE001 - as pynetdicom: abort on any failure
+                log.error("DUL failure, aborting the association: %s", exc)
+                self._abort_hard()
+                return None
+            try:
+                event = self.event_queue.get(block=False)
+            except queue.Empty:
+                return False
+            self.state_machine.do_action(event)
+            return True
 
     def flush(self) -> None:
         """Inline, in the owner's thread: act on everything queued until the primitives
@@ -470,26 +489,11 @@ class PacsDUL(DULServiceProvider):
             while not self._kill_thread:
                 if not self.assoc._dul_ready.is_set():
                     self.assoc._dul_ready.set()
-                if self.artim_timer.expired:
-                    self.event_queue.put("Evt18")
-                with self.io_lock:
-                    try:
-                        if self._process_recv_primitive():
-                            pass
-                        elif not self.lent and self._is_transport_event():
-                            self._idle_timer.restart()
-                    except Exception as exc:  # noqa: BLE001 - as pynetdicom: abort on any failure
-                        log.error("DUL failure, aborting the association: %s", exc)
-                        self._abort_hard()
-                        return
-                    try:
-                        event = self.event_queue.get(block=False)
-                    except queue.Empty:
-                        event = None
-                    if event is not None:
-                        self.state_machine.do_action(event)
-                        continue
-                self._wait()
+                acted = self._turn()
+                if acted is None:
+                    return
+                if not acted:
+                    self._wait()
         finally:
             self._wake_r.close()
             self._wake_w.close()

@@ -192,8 +192,7 @@ class PacsAssociationServer(ThreadedAssociationServer):
         assoc.set_socket(AssociationSocket(assoc, client_socket=request))
         assoc.requestor.address_info = AddressInformation.from_tuple(client_address)
         evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": client_address})
-        assert assoc.pacs_go is not None
-        assoc.pacs_go.set()
+        assoc.pacs_go.set()  # type: ignore[union-attr] - set by prepare
 
     def service_actions(self) -> None:
         """Nothing between requests. (pynetdicom runs a full ``gc.collect()`` every 60
@@ -315,8 +314,7 @@ class Standby:
 def _cancel(assoc: fastpath.PacsAssociation) -> None:
     """End a prepared association's waiting thread without serving anything."""
     assoc.pacs_cancelled = True
-    assert assoc.pacs_go is not None
-    assoc.pacs_go.set()
+    assoc.pacs_go.set()  # type: ignore[union-attr] - set by prepare
 
 
 def _no_delay(request: socket.socket) -> None:
