@@ -311,15 +311,11 @@ class PacsDUL(DULServiceProvider):
     def _send(self, pdu: Any) -> None:
         """Send a PDU (pynetdicom's ``_send``). The answer to an A-ASSOCIATE-RQ is checked
         against the one sent early, if any, and not sent twice; a new accepting answer is
-        remembered by the AE's ``Negotiations``."""
+        remembered by the AE's ``Negotiations``. An A-RELEASE-RP sent early is not sent again."""
         request = self._request
         if self._released is not None and isinstance(pdu, A_RELEASE_RP):
-            released, self._released = self._released, None
-            if pdu.encode() == released:
-                evt.trigger(self.assoc, evt.EVT_PDU_SENT, {"pdu": pdu})
-                return
-            log.error("the release was answered early, differently; aborting the association")
-            self._abort_hard()
+            self._released = None  # sent by _release_early: an A-RELEASE-RP has no variable part
+            evt.trigger(self.assoc, evt.EVT_PDU_SENT, {"pdu": pdu})
             return
         if request is None or not isinstance(pdu, (A_ASSOCIATE_AC, A_ASSOCIATE_RJ)):
             super()._send(pdu)
@@ -391,8 +387,12 @@ class PacsDUL(DULServiceProvider):
                 self.pump(min(IDLE_WAIT, max(deadline - time.monotonic(), 0.0)))
         finally:
             self._kill_thread = True
-            self._wake_r.close()
-            self._wake_w.close()
+            self.close_wake()
+
+    def close_wake(self) -> None:
+        """Close the wake-up socket pair (the thread that reads it ends)."""
+        self._wake_r.close()
+        self._wake_w.close()
 
     def wake(self) -> None:
         """Make the reactor look at its queues now."""
@@ -495,8 +495,7 @@ class PacsDUL(DULServiceProvider):
                 if not acted:
                     self._wait()
         finally:
-            self._wake_r.close()
-            self._wake_w.close()
+            self.close_wake()
 
     def _wait(self, timeout: float = IDLE_WAIT) -> None:
         watched: list[Any] = [self._wake_r]
@@ -787,10 +786,8 @@ class PacsAssociation(pynetdicom_association.Association):
         if self.pacs_go is not None:
             self.pacs_go.wait()
             if self.pacs_cancelled:
-                dul = self.dul
-                if isinstance(dul, PacsDUL):
-                    dul._wake_r.close()
-                    dul._wake_w.close()
+                if isinstance(self.dul, PacsDUL):
+                    self.dul.close_wake()
                 return
         super().run()
 

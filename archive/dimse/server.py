@@ -134,15 +134,11 @@ class PacsAssociationServer(ThreadedAssociationServer):
 
     def process_request(self, request, client_address) -> None:  # type: ignore[override]
         """Give the connection to the standby association, whose thread is waiting for one;
-        without a standby, build the association and start its thread here, in the
-        accepting thread (pynetdicom's handler only does that), instead of in a handler
-        thread that starts the association's."""
+        without a standby, prepare one here, in the accepting thread, instead of in a
+        pynetdicom handler thread that starts the association's."""
         try:
             assoc = self.standby.take() if self.standby is not None else None
-            if assoc is None:
-                self.finish_request(request, client_address)
-            else:
-                self.hand_over(assoc, request, client_address)
+            self.hand_over(assoc or self.prepare(), request, client_address)
         except Exception:  # noqa: BLE001 - as socketserver: report, close, go on accepting
             self.handle_error(request, client_address)
             self.shutdown_request(request)
