@@ -579,4 +579,8 @@ def test_a_release_request_of_an_idle_association_is_answered_as_it_is_read(scp:
     assert "association released: calling AE MODALITY" in caplog.text and "1 stored" in caplog.text
     result = run_dcmtk("echoscu", "-aec", "PACSPORTAL", "127.0.0.1", str(scp.port))
     assert result.returncode == 0, result.stderr
+    # echoscu may exit on the RP before the server's thread is back from sending it
+    deadline = time.monotonic() + 5
+    while len(early) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert early == [True, True]
