@@ -167,6 +167,13 @@ class _UserQueue(_InlineQueue):
         if dimse is not None and isinstance(item, (A_RELEASE, A_ABORT, A_P_ABORT)):
             dimse.msg_queue.put((None, None))  # read as "no message": the reactor checks the rest
 
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        dul = self._dul
+        if not dul.user_waiting and self._assoc.is_requestor:
+            dul.user_waiting = True  # its A-ASSOCIATE answer may now be read (``PacsDUL._holding``)
+            dul.wake()
+        return super().get(block, timeout)
+
 
 class _ReceivedPData:
     """A received P-DATA-TF (PS3.8 9.3.5) as the state machine takes it from the DUL: what
@@ -216,6 +223,7 @@ class PacsDUL(DULServiceProvider):
         self._request_pdu: Any = None  # and as pynetdicom decoded it
         self._early: bytes | None = None  # the A-ASSOCIATE-AC sent before negotiation (``Negotiations``)
         self._released: bytes | None = None  # the A-RELEASE-RP sent as the A-RELEASE-RQ was read
+        self.user_waiting = False  # a requestor's association waits for its A-ASSOCIATE answer (``_UserQueue``)
         self.to_user_queue = _UserQueue(assoc, self)
         self.io_lock = threading.RLock()
         self.lent = False  # the socket is lent to another thread (``borrowed``)
@@ -258,14 +266,21 @@ class PacsDUL(DULServiceProvider):
             self._wait(timeout)
         return False
 
-    def _negotiating(self) -> bool:
-        """The peer has its A-ASSOCIATE-AC while ours is still being negotiated: what it
-        sends next (its first request) waits in the socket until the state machine has
-        sent the AC itself (Sta6); read in Sta3 it would be an unexpected PDU. Likewise
-        the peer has its A-RELEASE-RP (and may close the connection) while the release is
-        still on its way through the state machine (Sta6, Sta8)."""
+    def _holding(self) -> bool:
+        """Whether the socket is left unread for now. The peer has its A-ASSOCIATE-AC while
+        ours is still being negotiated: what it sends next (its first request) waits in the
+        socket until the state machine has sent the AC itself (Sta6); read in Sta3 it would
+        be an unexpected PDU. Likewise the peer has its A-RELEASE-RP (and may close the
+        connection) while the release is still on its way through the state machine (Sta6,
+        Sta8)."""
         state = self.state_machine.current_state
         if self._early is not None and state in ("Sta1", "Sta2", "Sta3"):
+            return True
+        if state == "Sta5" and not self.user_waiting:
+            # A requestor's answer (PS3.8 9.3.3/9.3.4) is read once its association waits
+            # for it: after sending the request, pynetdicom takes a closed connection for a
+            # failed one, and a rejection read and acted on (the connection closed, AE-4)
+            # before it looked would read as a connection that never came up (aborted).
             return True
         return self._released is not None and state in ("Sta6", "Sta8")
 
@@ -353,7 +368,7 @@ class PacsDUL(DULServiceProvider):
             try:
                 if self._process_recv_primitive():
                     pass
-                elif not self.lent and not self._negotiating() and self._is_transport_event():
+                elif not self.lent and not self._holding() and self._is_transport_event():
                     self._idle_timer.restart()
             except Exception as exc:  # noqa: BLE001 - as pynetdicom: abort on any failure
                 log.error("DUL failure, aborting the association: %s", exc)

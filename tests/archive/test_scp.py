@@ -13,7 +13,7 @@ import pydicom
 import pytest
 from django.db import DatabaseError
 from pydicom.data import get_testdata_file
-from pynetdicom import AE, _config
+from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification
 from pydicom.uid import ExplicitVRLittleEndian
 
@@ -248,6 +248,18 @@ def test_it_checks_the_called_ae_title(scp: Scp) -> None:
     result = run_dcmtk("echoscu", "-aec", "WRONG", "127.0.0.1", str(scp.port))
     assert result.returncode != 0
     assert "Called AE Title Not Recognized" in result.stdout + result.stderr
+
+
+def test_a_rejection_read_before_the_requestor_looks_is_still_a_rejection(scp: Scp) -> None:
+    """pynetdicom's requestor checks that its connection came up after sending the
+    request; a rejection read and acted on before that (the connection closed) must not
+    read as a failed connection (an abort). The requestor is made slow to look."""
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(Verification)
+    slow = [(evt.EVT_REQUESTED, lambda event: time.sleep(0.3))]
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="SOMEONE_ELSE", evt_handlers=slow)
+    assert assoc.is_rejected and not assoc.is_aborted
+    assert assoc.acceptor.primitive.reason_str == "Called AE title not recognised"
 
 
 def test_an_allow_list_refuses_unknown_calling_aes(transactional_db) -> None:
