@@ -85,6 +85,7 @@ ACCEPTOR_WAIT = 0.05
 REQUESTOR_WAIT = 0.001
 # sendmsg takes at most IOV_MAX (1024 on Linux) buffers a call.
 _MAX_BUFFERS = 1000
+_JOIN_BYTES = 256 * 1024  # buffers written joined up to this size (``_sendmsg_all``)
 
 
 _PDU_TYPES = frozenset(range(0x01, 0x08))  # PS3.8 9.3.1: A-ASSOCIATE-RQ .. A-ABORT
@@ -1101,7 +1102,14 @@ def peer_maximum_length(assoc: Any) -> int:
 
 
 def _sendmsg_all(sock: socket.socket, buffers: Sequence[Any]) -> None:
-    """Write every byte of ``buffers``, a call of ``sendmsg`` per up to 1,000 of them."""
+    """Write every byte of ``buffers``, a call of ``sendmsg`` per up to 1,000 of them.
+
+    Many small buffers (C-FIND answers: a few headers and an identifier each) are joined
+    into one first: the kernel takes one buffer of 10 KB in well under half the time it
+    takes 100 pieces of it; large ones (data sets) go as they are, uncopied."""
+    if len(buffers) > 2 and sum(len(b) for b in buffers) <= _JOIN_BYTES:
+        sock.sendall(b"".join(buffers))
+        return
     pending = [memoryview(b).cast("B") for b in buffers if len(b)]
     while pending:
         batch = pending[:_MAX_BUFFERS]

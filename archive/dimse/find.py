@@ -146,22 +146,25 @@ def encode_answer(answer: dict[str, Any], *, explicit_vr: bool) -> bytes | None:
     elements: list[tuple[int, str, bytes]] = []
     try:
         for keyword, value in answer.items():
-            known = _element(keyword)
+            known = _element_of.get(keyword) or _element(keyword)
             if known is None:
                 return None
             tag, vr = known
-            values = value if isinstance(value, list) else [value]
-            if vr in _BINARY:
-                if any(type(v) is not int for v in values if v != ""):
-                    return None
-                data = b"".join(struct.pack(_BINARY[vr], v) for v in values if v != "")
+            if type(value) is str and vr not in _BINARY:
+                text = value  # most values: one string
             else:
+                values = value if isinstance(value, list) else [value]
+                if vr in _BINARY:
+                    if any(type(v) is not int for v in values if v != ""):
+                        return None
+                    elements.append((tag, vr, b"".join(struct.pack(_BINARY[vr], v) for v in values if v != "")))
+                    continue
                 if not all(isinstance(v, str) or (type(v) is int and vr == "IS") for v in values):
                     return None
-                text = "\\".join("" if v is None else str(v) for v in values)
-                data = text.encode(encoding if vr in _CHARSET_VRS else "ascii")
-                if len(data) % 2:
-                    data += b"\x00" if vr == "UI" else b" "
+                text = "\\".join(str(v) for v in values)
+            data = text.encode(encoding if vr in _CHARSET_VRS else "ascii")
+            if len(data) % 2:
+                data += b"\x00" if vr == "UI" else b" "
             elements.append((tag, vr, data))
     except (UnicodeEncodeError, struct.error, TypeError, ValueError):
         return None

@@ -255,20 +255,34 @@ def encode_elements(elements: Iterable[tuple[int, str, bytes]], *, explicit_vr: 
 
     Raises ``WireError`` for a value too long for its VR's length field.
     """
-    out = bytearray()
+    parts: list[bytes] = []
     for tag, vr, value in elements:
-        if explicit_vr:
-            code = vr.encode("ascii")
-            if code in _LONG_VRS:
-                out += struct.pack("<HH2sHL", tag >> 16, tag & 0xFFFF, code, 0, len(value))
-            else:
-                if len(value) > 0xFFFF:
-                    raise WireError(f"a {vr} value of {len(value)} bytes does not fit its length field")
-                out += struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, code, len(value))
+        head = _element_heads.get((tag, vr, explicit_vr))
+        if head is None:
+            head = _element_heads[(tag, vr, explicit_vr)] = _element_head(tag, vr, explicit_vr)
+        prefix, long_length = head
+        if long_length:
+            parts += (prefix, _UL.pack(len(value)), value)
+        elif len(value) > 0xFFFF:
+            raise WireError(f"a {vr} value of {len(value)} bytes does not fit its length field")
         else:
-            out += struct.pack("<HHL", tag >> 16, tag & 0xFFFF, len(value))
-        out += value
-    return bytes(out)
+            parts += (prefix, _US.pack(len(value)), value)
+    return b"".join(parts)
+
+
+def _element_head(tag: int, vr: str, explicit_vr: bool) -> tuple[bytes, bool]:
+    """An element's header before its length, and whether the length is 4 bytes."""
+    if not explicit_vr:
+        return struct.pack("<HH", tag >> 16, tag & 0xFFFF), True
+    code = vr.encode("ascii")
+    if code in _LONG_VRS:
+        return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, code, 0), True
+    return struct.pack("<HH2s", tag >> 16, tag & 0xFFFF, code), False
+
+
+_element_heads: dict[tuple[int, str, bool], tuple[bytes, bool]] = {}
+_US = struct.Struct("<H")
+_UL = struct.Struct("<L")
 
 
 def file_meta(
