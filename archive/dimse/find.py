@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from django.conf import settings
-from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
@@ -61,6 +61,81 @@ def identifier_keys(identifier: Dataset) -> tuple[str, dict[str, Any]]:
     return level, keys
 
 
+# The character sets whose text ``fast_identifier_keys`` decodes itself (PS3.3 C.12.1.1.2),
+# with the codec pydicom uses for them; others go to pydicom.
+_FAST_CHARSETS = {"": "latin_1", "ISO_IR 6": "latin_1", "ISO_IR 100": "latin_1", "ISO_IR 192": "utf_8"}
+# How pydicom reads each text VR (pydicom.values): the VRs decoded with the data set's
+# character set, those split into values and stripped, and those taken whole.
+_SPLIT_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "TM", "UI", "SH", "LO", "UC", "PN"})
+_WHOLE_VRS = frozenset({"ST", "LT", "UT"})
+_keyword_of: dict[int, tuple[str, str] | None] = {}
+
+
+def _dictionary_entry(tag: int) -> tuple[str, str] | None:
+    known = _keyword_of.get(tag, ...)
+    if known is ...:
+        keyword = keyword_for_tag(tag)
+        known = (keyword, dictionary_VR(tag)) if keyword else None
+        _keyword_of[tag] = known
+    return known  # type: ignore[return-value]
+
+
+def fast_identifier_keys(data: bytes, *, explicit_vr: bool) -> tuple[str, dict[str, Any]] | None:
+    """``identifier_keys`` of a Little Endian identifier read straight from its bytes, for
+    the identifiers every C-FIND sends: flat, text values, a single-byte or UTF-8 character
+    set. None for anything else (a sequence, a binary or numeric value, another character
+    set, a value pydicom would read differently), which goes to pydicom."""
+    try:
+        elements = wire.read_elements(data, explicit_vr=explicit_vr)
+    except wire.WireError:
+        return None
+    elements.sort(key=lambda element: element[0])  # pydicom's data set is in tag order
+    charset = ""
+    for tag, _, value in elements:
+        if tag == 0x00080005:
+            charset = value.decode("latin_1").rstrip(" \x00").strip()
+    codec = _FAST_CHARSETS.get(charset)
+    if codec is None:
+        return None
+    level = ""
+    keys: dict[str, Any] = {}
+    try:
+        for tag, vr, value in elements:
+            if tag >> 16 == 0x0002:
+                continue
+            entry = _dictionary_entry(tag)
+            if entry is None:
+                continue  # private or unknown: pydicom gives it no keyword
+            keyword, known_vr = entry
+            vr = vr or known_vr
+            if not value and vr != "SQ":
+                text = ""  # universal matching (pydicom's empty value, '' or None)
+            elif vr in _WHOLE_VRS:
+                text = value.decode(codec).rstrip("\x00 ")
+            elif vr in _SPLIT_VRS:
+                if vr == "PN":
+                    text = value.rstrip(b"\x00 ").decode(codec)
+                    if "=" in text:
+                        return None  # component groups: PersonName drops empty trailing ones
+                    values = text.split("\\")
+                elif vr in ("SH", "LO", "UC"):
+                    values = [v.rstrip("\x00 ") for v in value.decode(codec).split("\\")]
+                elif vr == "AE":
+                    values = [v.strip() for v in value.decode("latin_1").split("\\")]
+                else:
+                    values = value.decode("latin_1").rstrip(" \x00").split("\\")
+                text = "\\".join(values)
+            else:
+                return None  # numbers (pydicom formats them), binary values, sequences
+            if keyword == "QueryRetrieveLevel":
+                level = text.strip().upper()
+            else:
+                keys[keyword] = text
+    except UnicodeDecodeError:
+        return None
+    return level, keys
+
+
 def _text(value: Any) -> Any:
     if value is None:
         return ""
@@ -73,9 +148,12 @@ def _text(value: Any) -> Any:
     return value  # bytes and the like: the query service refuses them with a reason
 
 
-def answers(assoc, sop_class_uid: str, identifier: Dataset, is_cancelled) -> Iterator[tuple[int | Dataset, dict | None]]:
+def answers(
+    assoc, sop_class_uid: str, identifier: Dataset | tuple[str, dict[str, Any]], is_cancelled
+) -> Iterator[tuple[int | Dataset, dict | None]]:
     """Yield (status, answer) for a C-FIND request: (PENDING, answer dict) per match, then
-    (CANCEL, None) if cancelled; a refusal is one (failure Dataset, None) with its comment."""
+    (CANCEL, None) if cancelled; a refusal is one (failure Dataset, None) with its comment.
+    ``identifier`` is the request's, or its (level, keys) already read."""
     calling = str(assoc.requestor.ae_title).strip()
     node = node_access_for(assoc)
     if not node.may_query:
@@ -83,7 +161,7 @@ def answers(assoc, sop_class_uid: str, identifier: Dataset, is_cancelled) -> Ite
         yield _failure(status.NOT_AUTHORIZED, f"calling AE title {calling} may not query")
         return
     try:
-        level, keys = identifier_keys(identifier)
+        level, keys = identifier if isinstance(identifier, tuple) else identifier_keys(identifier)
         if level not in MODEL_LEVELS.get(sop_class_uid, ()):
             raise query.QueryError(f"query level {level or '(none)'} is not one of {'/'.join(MODEL_LEVELS[sop_class_uid])} of this model")
         limit = settings.PACS_FIND_LIMIT
@@ -197,11 +275,15 @@ def serve(service, req, context) -> None:
     sop_class = str(req.AffectedSOPClassUID)
     message_id = int(req.MessageID)
     peer_max = fastpath.peer_maximum_length(assoc)
-    try:
-        identifier = decode(req.Identifier, syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
-    except Exception as exc:  # noqa: BLE001 - an identifier pydicom cannot decode
-        identifier = None
-        reason = f"the identifier cannot be decoded: {exc}"
+    identifier: Dataset | tuple[str, dict[str, Any]] | None = None
+    if syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+        identifier = fast_identifier_keys(req.Identifier.getvalue(), explicit_vr=syntax == ExplicitVRLittleEndian)
+    if identifier is None:
+        try:
+            identifier = decode(req.Identifier, syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
+        except Exception as exc:  # noqa: BLE001 - an identifier pydicom cannot decode
+            identifier = None
+            reason = f"the identifier cannot be decoded: {exc}"
     pending_command = wire.c_find_rsp(sop_class, message_id, status.PENDING, identifier=True)
     buffered: list[Any] = []
     size = 0

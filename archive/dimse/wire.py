@@ -285,6 +285,48 @@ _US = struct.Struct("<H")
 _UL = struct.Struct("<L")
 
 
+def read_elements(data: bytes | bytearray | memoryview, *, explicit_vr: bool) -> list[tuple[int, str | None, bytes]]:
+    """Read a flat Little Endian data set (PS3.5 7.1.2 explicit, 7.1.3 implicit VR) into
+    (tag, VR, value bytes), in the order written; the VR is None in Implicit VR (the
+    caller knows its dictionary). Raises ``WireError`` for an undefined length (a sequence
+    or encapsulated data: not flat) and for bytes cut short."""
+    view = memoryview(data)
+    offset, end = 0, len(view)
+    out: list[tuple[int, str | None, bytes]] = []
+    while offset < end:
+        if end - offset < 8:
+            raise WireError("a data element is cut short")
+        group, element = _TAG.unpack_from(view, offset)
+        vr: str | None = None
+        if explicit_vr:
+            code = bytes(view[offset + 4 : offset + 6])
+            if code in _LONG_VRS:
+                if end - offset < 12:
+                    raise WireError("a data element is cut short")
+                length = _UL.unpack_from(view, offset + 8)[0]
+                offset += 12
+            else:
+                length = _US.unpack_from(view, offset + 6)[0]
+                offset += 8
+            try:
+                vr = code.decode("ascii")
+            except UnicodeDecodeError as exc:
+                raise WireError("a data element has no valid VR") from exc
+        else:
+            length = _UL.unpack_from(view, offset + 4)[0]
+            offset += 8
+        if length == 0xFFFFFFFF:
+            raise WireError("a data element of undefined length (not a flat data set)")
+        if offset + length > end:
+            raise WireError("a data element's value is cut short")
+        out.append((group << 16 | element, vr, bytes(view[offset : offset + length])))
+        offset += length
+    return out
+
+
+_TAG = struct.Struct("<HH")
+
+
 def file_meta(
     sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, implementation_uid: str, implementation_version: str
 ) -> bytes:

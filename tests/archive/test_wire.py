@@ -263,3 +263,54 @@ def test_a_part10_file_from_pydicom_round_trips_through_the_offset() -> None:
     offset = wire.dataset_offset(data)
     original = pydicom.dcmread(path)
     assert decode(io.BytesIO(data[offset:]), False, True).SOPInstanceUID == original.SOPInstanceUID
+
+
+def _identifier(charset: str | None = None, **values) -> Dataset:
+    ds = Dataset()
+    if charset is not None:
+        ds.SpecificCharacterSet = charset
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+IDENTIFIERS = [
+    _identifier(QueryRetrieveLevel="STUDY", PatientName="", StudyInstanceUID="", NumberOfStudyRelatedInstances=None),
+    _identifier(QueryRetrieveLevel="study ", PatientName="SMITH*", StudyDate="20240101-20240131", StudyTime="-1200"),
+    _identifier("ISO_IR 192", QueryRetrieveLevel="STUDY", PatientName="Müller^Jürgen", StudyDescription="Thorax  "),
+    _identifier("ISO_IR 192", QueryRetrieveLevel="PATIENT", PatientName="山田*", PatientID="P?1"),
+    _identifier("ISO_IR 100", QueryRetrieveLevel="STUDY", PatientName="Øster*", AccessionNumber="A 1"),
+    _identifier(QueryRetrieveLevel="SERIES", StudyInstanceUID="1.2.3\\1.2.4", Modality=["CT", "MR"], SeriesNumber=None),
+    _identifier(QueryRetrieveLevel="IMAGE", SOPInstanceUID="1.2.3.4", RetrieveAETitle=" PACS ", Rows=None),
+    _identifier(QueryRetrieveLevel="STUDY", StudyComments="free text\\with a backslash  ", ModalitiesInStudy="CT\\MR"),
+    _identifier(QueryRetrieveLevel="STUDY", InstitutionName="Hospital ", PatientName="Doe^Jane^^^"),
+]
+
+
+@pytest.mark.parametrize("identifier", IDENTIFIERS)
+@pytest.mark.parametrize("explicit", [True, False])
+def test_identifiers_read_from_their_bytes_as_pydicom_reads_them(identifier, explicit) -> None:
+    data = encode(identifier, not explicit, True)
+    fast = find.fast_identifier_keys(data, explicit_vr=explicit)
+    assert fast is not None
+    assert fast == find.identifier_keys(decode(io.BytesIO(data), not explicit, True))
+
+
+@pytest.mark.parametrize(
+    "identifier",
+    [
+        _identifier("ISO 2022 IR 100", QueryRetrieveLevel="STUDY", PatientName="Müller"),  # another character set
+        _identifier("ISO_IR 192", QueryRetrieveLevel="STUDY", PatientName="Yamada^Tarou=山田^太郎"),  # component groups
+        _identifier(QueryRetrieveLevel="STUDY", NumberOfStudyRelatedInstances="007"),  # a number pydicom formats
+        _identifier(QueryRetrieveLevel="IMAGE", Rows=512),  # a binary value
+        _identifier(QueryRetrieveLevel="STUDY", ReferencedStudySequence=[Dataset()]),  # a sequence
+    ],
+)
+def test_identifiers_it_does_not_read_are_left_to_pydicom(identifier) -> None:
+    assert find.fast_identifier_keys(encode(identifier, False, True), explicit_vr=True) is None
+
+
+def test_an_identifier_cut_short_is_left_to_pydicom() -> None:
+    data = encode(_identifier(QueryRetrieveLevel="STUDY", PatientName="SMITH*"), False, True)
+    assert find.fast_identifier_keys(data[:-3], explicit_vr=True) is None
+    assert find.fast_identifier_keys(data + b"\x10\x00", explicit_vr=True) is None
