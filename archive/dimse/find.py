@@ -193,7 +193,10 @@ def handle_find(event: events.Event) -> Iterator[tuple[int | Dataset, Dataset | 
 
 # ----------------------------------------------------------------- the fast path
 
-# Send the answers gathered so far once they reach this size or wait this long.
+# Send the answers gathered so far once they reach this size or wait this long, or once
+# there are as many as the batch before (the first answer goes alone): the peer starts
+# reading the first answers while the next are encoded, and a long answer still goes out
+# in a few large writes.
 FLUSH_BYTES = 64 * 1024
 FLUSH_SECONDS = 0.02
 # VRs whose text takes the SpecificCharacterSet (PS3.5 6.1.2.3); the others are ASCII.
@@ -286,7 +289,8 @@ def serve(service, req, context) -> None:
             reason = f"the identifier cannot be decoded: {exc}"
     pending_command = wire.c_find_rsp(sop_class, message_id, status.PENDING, identifier=True)
     buffered: list[Any] = []
-    size = 0
+    size = count = 0
+    batch = 1  # answers in the next write
     started = time.monotonic()
     final: tuple[int, str | None] = (status.SUCCESS, None)
     try:
@@ -305,9 +309,11 @@ def serve(service, req, context) -> None:
             data = _identifier_bytes(answer, syntax)
             buffered += wire.pdus(context_id, pending_command, data, peer_max)
             size += len(data) + len(pending_command)
-            if size >= FLUSH_BYTES or time.monotonic() - started >= FLUSH_SECONDS:
+            count += 1
+            if count >= batch or size >= FLUSH_BYTES or time.monotonic() - started >= FLUSH_SECONDS:
                 fastpath.write(assoc, buffered)
                 buffered, size, started = [], 0, time.monotonic()
+                batch, count = 2 * count, 0
     except fastpath.Interrupted as exc:
         log.warning("C-FIND answers to %s not sent: %s", str(assoc.requestor.ae_title).strip(), exc)
         return
