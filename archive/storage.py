@@ -107,6 +107,32 @@ def mapped(path: Path) -> Iterator[tuple[Any, int, str]]:
             yield view, size, hashlib.sha256(view).hexdigest()
 
 
+def _libc_sync_file_range() -> Any:
+    try:
+        import ctypes
+        import ctypes.util
+
+        function = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None  # not Linux: the flush at the end does all the writing
+    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    function.restype = ctypes.c_int
+    return function
+
+
+_sync_file_range = _libc_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2  # start writing the range's dirty pages, do not wait (Linux)
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing a part of a file being received to disk without waiting for it
+    (``sync_file_range``, Linux), so that the flush when it is put in place finds the
+    data written or on its way instead of starting all of it then. Only a hint: the
+    flush (``flush_file``) is what makes the data durable."""
+    if _sync_file_range is not None and length > 0:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
 def flush_file(path: Path) -> None:
     """Flush a file's data to disk (``fdatasync``), when PACS_SYNC_STORAGE is on."""
     if not settings.PACS_SYNC_STORAGE:

@@ -557,10 +557,12 @@ class FastStore:
 
     kind = "C-STORE"
 
-    def __init__(self, command: dict[str, Any], context_id: int, file: "ReceiveFile") -> None:
+    def __init__(self, command: dict[str, Any], context_id: int, file: "ReceiveFile", writeback: Any = None) -> None:
         self.command = command
         self.context_id = context_id
         self.file = file
+        self.writeback = writeback  # ae.pacs_writeback: start writing each fragment to disk
+        self.size = file.tell()
 
     @property
     def path(self) -> str:
@@ -568,6 +570,9 @@ class FastStore:
 
     def write(self, fragment: memoryview) -> None:
         self.file.write(fragment)
+        if self.writeback is not None:
+            self.writeback(self.file.fileno(), self.size, len(fragment))
+        self.size += len(fragment)
 
     def done(self) -> None:
         self.file.close()
@@ -728,7 +733,7 @@ class PacsDIMSE(DIMSEServiceProvider):
         )
         file = ReceiveFile()
         file.write(b"\x00" * 128 + b"DICM" + meta)
-        return FastStore(command, context_id, file)
+        return FastStore(command, context_id, file, getattr(self.assoc.ae, "pacs_writeback", None))
 
     def _write(self, values: Any) -> None:
         store = self._store

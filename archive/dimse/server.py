@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 
+from django.conf import settings
 from django.db import connection
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -40,6 +41,7 @@ from pynetdicom.sop_class import (
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.transport import AddressInformation, AssociationSocket, ThreadedAssociationServer
 
+from archive import storage
 from archive.dimse import fastpath, move
 from archive.dimse.find import handle_find
 from archive.dimse.move import RETRIEVE_MODELS
@@ -375,6 +377,8 @@ class Scp:
         # C-STOREs read by the fast path (archive.dimse.fastpath.PacsDIMSE) are stored here,
         # as EVT_C_STORE's handler stores those pynetdicom reads.
         ae.pacs_store = functools.partial(store_file, stats_for=self.stats_for, in_flight=self.in_flight)
+        # Received files are flushed when put in place; their writing starts as they arrive.
+        ae.pacs_writeback = storage.start_writeback if settings.PACS_SYNC_STORAGE else None
         # C-FINDs read by the fast path are answered here, as ArchiveQueryRetrieve does.
         ae.pacs_find = move.serve_find
         # Answers to association requests seen before (fastpath.Negotiations).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import io
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -248,6 +249,39 @@ def test_it_checks_the_called_ae_title(scp: Scp) -> None:
     result = run_dcmtk("echoscu", "-aec", "WRONG", "127.0.0.1", str(scp.port))
     assert result.returncode != 0
     assert "Called AE Title Not Recognized" in result.stdout + result.stderr
+
+
+def test_a_received_file_starts_going_to_disk_as_it_arrives(scp: Scp, storage_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """Each fragment written to the receive file is handed to the disk at once
+    (``storage.start_writeback``), the ranges one after the other up to the file's end;
+    the flush when the file is put in place still makes it durable."""
+    ranges: list[tuple[int, int]] = []
+    sizes: list[int] = []
+
+    def writeback(fd: int, offset: int, length: int) -> None:
+        ranges.append((offset, length))
+        sizes.append(os.fstat(fd).st_size)
+        storage.start_writeback(fd, offset, length)
+
+    assert scp.ae.pacs_writeback is storage.start_writeback  # PACS_SYNC_STORAGE is on
+    monkeypatch.setattr(scp.ae, "pacs_writeback", writeback)
+    # 512 KB of pixels, which storescu sends in PDUs of at most 128 KB: several fragments
+    sent = write_part10(make_dataset(rows=512, columns=512), tmp_path / "ct.dcm")
+    result = run_dcmtk("storescu", "-aec", "PACSPORTAL", "127.0.0.1", str(scp.port), str(sent))
+    assert result.returncode == 0, result.stderr
+    stored = storage.absolute(Instance.objects.get().file_path)
+    assert len(ranges) > 1
+    for (offset, length), (next_offset, _) in zip(ranges, ranges[1:]):
+        assert next_offset == offset + length
+    offset, length = ranges[-1]
+    assert offset + length == stored.stat().st_size == sizes[-1]
+    assert_consistent(storage_dir)
+
+
+def test_without_sync_storage_nothing_is_handed_to_the_disk_early(transactional_db, settings) -> None:
+    settings.PACS_SYNC_STORAGE = False
+    server = Scp(ae_title="PACSPORTAL", port=0, bind="127.0.0.1")
+    assert server.ae.pacs_writeback is None
 
 
 def test_a_rejection_read_before_the_requestor_looks_is_still_a_rejection(scp: Scp) -> None:
