@@ -1112,7 +1112,7 @@ def _sendmsg_all(sock: socket.socket, buffers: Sequence[Any]) -> None:
     Many small buffers (C-FIND answers: a few headers and an identifier each) are joined
     into one first: the kernel takes one buffer of 10 KB in well under half the time it
     takes 100 pieces of it; large ones (data sets) go as they are, uncopied."""
-    if len(buffers) > 2 and sum(len(b) for b in buffers) <= _JOIN_BYTES:
+    if len(buffers) > 2 and sum(memoryview(b).nbytes for b in buffers) <= _JOIN_BYTES:
         sock.sendall(b"".join(buffers))
         return
     pending = [memoryview(b).cast("B") for b in buffers if len(b)]
