@@ -227,7 +227,7 @@ def encode_answer(answer: dict[str, Any], *, explicit_vr: bool) -> bytes | None:
     elements: list[tuple[int, str, bytes]] = []
     try:
         for keyword, value in answer.items():
-            known = _element_of.get(keyword) or _element(keyword)
+            known = _element(keyword)
             if known is None:
                 return None
             tag, vr = known
