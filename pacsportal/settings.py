@@ -93,6 +93,13 @@ if _database_url:
         # At least one connection per association the process may serve, and a few more.
         _pool_size = envint("PACS_MAX_ASSOCIATIONS", 32, minimum=1) + 4
         _db.setdefault("OPTIONS", {})["pool"] = {"min_size": 1, "max_size": _pool_size, "timeout": 30}
+    if _db["ENGINE"] == "django.db.backends.postgresql" and envbool("PACS_DB_PREPARED_STATEMENTS", True):
+        # Django turns psycopg's prepared statements off (for poolers such as PgBouncer
+        # in transaction mode before 1.21). Its own queries bind on the client and are
+        # never prepared either way; this only lets the ingest hot path's one statement
+        # (archive.ingest, server-side binding) be prepared once per connection instead
+        # of parsed and planned on every instance.
+        _db.setdefault("OPTIONS", {}).setdefault("prepare_threshold", 5)
 else:
     _db = {"ENGINE": "django.db.backends.sqlite3", "NAME": str(SQLITE_PATH)}
 if _db["ENGINE"] == "django.db.backends.sqlite3":

@@ -179,8 +179,8 @@ class _UserQueue(_InlineQueue):
 class _ReceivedPData:
     """A received P-DATA-TF (PS3.8 9.3.5) as the state machine takes it from the DUL: what
     its ``to_primitive()`` gives, each PDV as pynetdicom keeps it (context ID, then the
-    message control header and the fragment), one copy of the bytes instead of pynetdicom's
-    PDU and PDV item objects."""
+    message control header and the fragment) as a view of the received PDU's buffer, instead
+    of pynetdicom's PDU and PDV item objects and their copies of the bytes."""
 
     __slots__ = ("_primitive",)
 
@@ -192,7 +192,7 @@ class _ReceivedPData:
         """The PDU in ``data`` (its 6-byte header included), or None when its PDVs are
         malformed (pynetdicom's decoder then says so)."""
         try:
-            values = [(context_id, bytes((header,)) + value) for context_id, header, value in wire.iter_pdvs(memoryview(data)[6:])]
+            values = list(wire.iter_pdv_data(memoryview(data)[6:]))
         except wire.WireError:
             return None
         primitive = P_DATA()

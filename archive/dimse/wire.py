@@ -237,15 +237,23 @@ def _append_fragments(buffers: list[Any], context_id: int, data: memoryview, siz
 
 def iter_pdvs(pdu_value: bytes | bytearray | memoryview) -> Iterable[tuple[int, int, memoryview]]:
     """Yield (presentation context ID, control header, value) of a P-DATA-TF's variable field."""
+    for context_id, data in iter_pdv_data(pdu_value):
+        yield context_id, data[0], data[1:]
+
+
+def iter_pdv_data(pdu_value: bytes | bytearray | memoryview) -> Iterable[tuple[int, memoryview]]:
+    """Yield (presentation context ID, data) of a P-DATA-TF's variable field, where data is
+    the message control header followed by the fragment (as pynetdicom keeps a PDV): views
+    of ``pdu_value``, not copies."""
     view = memoryview(pdu_value)
     offset, end = 0, len(view)
     while offset < end:
         if end - offset < 6:
             raise WireError("a presentation data value item is cut short")
-        length, context_id, header = PDV_HEADER.unpack_from(view, offset)
+        length, context_id, _ = PDV_HEADER.unpack_from(view, offset)
         if length < 2 or offset + 4 + length > end:
             raise WireError("a presentation data value item has a wrong length")
-        yield context_id, header, view[offset + 6 : offset + 4 + length]
+        yield context_id, view[offset + 5 : offset + 4 + length]
         offset += 4 + length
 
 

@@ -376,3 +376,23 @@ def test_a_transaction_left_open_on_the_connection_neither_blocks_nor_swallows_t
     assert not open_now  # the store was committed
     assert Instance.objects.count() == 2
     assert_consistent(storage_dir)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_hot_path_statement_is_prepared_once_per_connection(storage_dir: Path) -> None:
+    """On PostgreSQL the one statement a stored instance costs is parsed and planned once
+    per connection (Django turns psycopg's prepared statements off unless told); SQLite
+    takes no such option."""
+    study_uid, series_uid = "1.2.826.0.1.3680043.10.12", "1.2.826.0.1.3680043.10.12.1"
+    for _ in range(3):  # the first creates the series; the next two take the hot path
+        assert ingest_dataset(make_dataset(study_uid=study_uid, series_uid=series_uid), SOURCE).ok
+    options = connection.settings_dict["OPTIONS"]
+    if connection.vendor == "postgresql":
+        assert options["prepare_threshold"] is not None
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE 'SELECT archive_add_instance(%%'")
+            assert cursor.fetchone()[0] == 1
+    else:
+        assert "prepare_threshold" not in options
+    assert Instance.objects.count() == 3
+    assert_consistent(storage_dir)
