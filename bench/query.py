@@ -942,6 +942,24 @@ def store(files: list[Path], receiver: ingest.Receiver, processes: Processes) ->
         raise BenchError(f"{receiver.config.receiver} holds {held} instances, expected {len(files)}")
 
 
+def start_receivers(
+    files: list[Path], dbs: list[str], work: Path, processes: Processes, pg: PostgresAdmin | None,
+    receivers: list[tuple[str, ingest.Receiver]],
+) -> None:
+    """Start Orthanc and a pacsportal per database, each with ``files`` stored; appended to
+    ``receivers`` as they start, so that the caller stops every one that did."""
+    orthanc_dir = Path(tempfile.mkdtemp(prefix="orthanc-", dir=work))
+    orthanc = OrthancFind(Config("orthanc", 1), orthanc_dir, processes)
+    receivers.append(("Orthanc", orthanc))
+    orthanc.start()
+    store(files, orthanc, processes)
+    for db in dbs:
+        pacs = new_pacs(db, work, processes, pg)
+        receivers.append((f"pacsportal ({'PostgreSQL' if db == 'postgres' else 'SQLite'})", pacs))
+        pacs.start()
+        store(files, pacs, processes)
+
+
 def run_small(dbs: list[str], args: argparse.Namespace, work: Path, processes: Processes, pg: PostgresAdmin | None) -> SmallRun:
     """Store the small archive into Orthanc and pacsportal; time STUDY-level findscu against each."""
     run = SmallRun()
@@ -951,16 +969,7 @@ def run_small(dbs: list[str], args: argparse.Namespace, work: Path, processes: P
     run.queries = queries
     receivers: list[tuple[str, ingest.Receiver]] = []
     try:
-        orthanc_dir = Path(tempfile.mkdtemp(prefix="orthanc-", dir=work))
-        orthanc = OrthancFind(Config("orthanc", 1), orthanc_dir, processes)
-        receivers.append(("Orthanc", orthanc))
-        orthanc.start()
-        store(files, orthanc, processes)
-        for db in dbs:
-            pacs = new_pacs(db, work, processes, pg)
-            receivers.append((f"pacsportal ({'PostgreSQL' if db == 'postgres' else 'SQLite'})", pacs))
-            pacs.start()
-            store(files, pacs, processes)
+        start_receivers(files, dbs, work, processes, pg, receivers)
         print(f"[small] {len(files)} files stored in {', '.join(label for label, _ in receivers)}", flush=True)
         run.targets = [label for label, _ in receivers]
         for label, _ in receivers:
@@ -990,6 +999,107 @@ def run_small(dbs: list[str], args: argparse.Namespace, work: Path, processes: P
         run.errors.append(str(exc))
         print(f"[small] ERROR\n{textwrap.indent(str(exc), '    ')}", flush=True)
     finally:
+        for _, receiver in receivers:
+            drop(receiver)
+    return run
+
+
+MANY_STUDIES = 318  # as many answers as the large archive's name-prefix query
+MANY_PREFIX = "MANY*"
+
+
+def build_many_corpus(folder: Path) -> list[Path]:
+    """Write MANY_STUDIES studies of one small image each, all of patients named MANY^...:
+    one STUDY-level query answers every one of them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for index in range(MANY_STUDIES):
+        study_uid = f"{UID_ROOT}8.{index + 1}"
+        sop_uid = f"{study_uid}.1.1"
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = SOP_CLASSES["CT"]
+        meta.MediaStorageSOPInstanceUID = sop_uid
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID = SOP_CLASSES["CT"]
+        ds.SOPInstanceUID = sop_uid
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = f"{study_uid}.1"
+        ds.PatientID = f"M{index + 1:05d}"
+        ds.PatientName = f"MANY^Patient{index + 1}"
+        ds.PatientBirthDate = "19700101"
+        ds.PatientSex = "M"
+        ds.AccessionNumber = f"M{index + 1:05d}"
+        ds.StudyDate = ds.SeriesDate = (FIRST_DAY + dt.timedelta(days=index)).strftime("%Y%m%d")
+        ds.StudyTime = ds.SeriesTime = "101500"
+        ds.StudyDescription = "CT HEAD"
+        ds.ReferringPhysicianName = "Weber^Klaus"
+        ds.StudyID = str(index + 1)
+        ds.Modality = "CT"
+        ds.SeriesNumber = 1
+        ds.InstanceNumber = 1
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows = ds.Columns = 16
+        ds.BitsAllocated = 16
+        ds.BitsStored = 12
+        ds.HighBit = 11
+        ds.PixelRepresentation = 0
+        ds.PixelData = bytes(16 * 16 * 2)
+        path = folder / f"many-{index + 1:03d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files.append(path)
+    return files
+
+
+def run_many(dbs: list[str], args: argparse.Namespace, work: Path, processes: Processes, pg: PostgresAdmin | None) -> SmallRun:
+    """The same 318-answer STUDY-level query against Orthanc and pacsportal, from pynetdicom
+    (one association) and from findscu: what the client itself costs, with the server's
+    part set beside a reference measured in the same run."""
+    run = SmallRun()
+    files = build_many_corpus(work / "many")
+    run.files = len(files)
+    query = Query(f"STUDY, PatientName={MANY_PREFIX}", "STUDY", study_keys(PatientName=MANY_PREFIX), MANY_STUDIES)
+    run.queries = [
+        Query(f"pynetdicom: {query.name}", query.level, query.keys, query.expected),
+        Query(f"findscu: {query.name}", query.level, query.keys, query.expected),
+    ]
+    receivers: list[tuple[str, ingest.Receiver]] = []
+    clients: list[PynetdicomClient] = []
+    try:
+        start_receivers(files, dbs, work, processes, pg, receivers)
+        print(f"[many] {len(files)} studies stored in {', '.join(label for label, _ in receivers)}", flush=True)
+        run.targets = [label for label, _ in receivers]
+        for label, receiver in receivers:
+            clients.append(PynetdicomClient(receiver.ae_title, receiver.port))
+            for q in run.queries:
+                run.timings[(label, q.name)] = Timings()
+        for repeat in range(args.repeats + 1):  # the first round warms up, untimed
+            for (label, receiver), client in zip(receivers, clients):
+                for q in run.queries:
+                    timings = run.timings[(label, q.name)]
+                    try:
+                        if q.name.startswith("pynetdicom"):
+                            result = client.find(q)
+                        else:
+                            result = findscu(q, receiver.ae_title, receiver.port, processes, receiver.run_dir / "scu.log")
+                    except BenchError as exc:
+                        timings.errors.append(str(exc))
+                        continue
+                    if repeat:
+                        record(timings, q, result)
+        for q in run.queries:
+            for label in run.targets:
+                t = run.timings[(label, q.name)]
+                print(f"    {q.name:<40} {label:<24} median {fmt(t.median())} ms, p90 {fmt(t.p90())} ms"
+                      + (f"  ERRORS: {t.errors[0]}" if t.errors else ""), flush=True)
+    except (BenchError, OSError, subprocess.SubprocessError, psycopg.Error) as exc:
+        run.errors.append(str(exc))
+        print(f"[many] ERROR\n{textwrap.indent(str(exc), '    ')}", flush=True)
+    finally:
+        for client in clients:
+            client.close()
         for _, receiver in receivers:
             drop(receiver)
     return run
@@ -1112,6 +1222,25 @@ def target_lines(runs: list[LargeRun], small: SmallRun, queries: list[Query]) ->
     return lines
 
 
+def many_target_lines(many: SmallRun) -> list[str]:
+    """The 318-answer query: pacsportal against Orthanc with each client, and the client's own share."""
+    lines = []
+    for label in many.targets:
+        if label == "Orthanc":
+            continue
+        for q in many.queries:
+            median = many.timings.get((label, q.name), Timings()).median()
+            reference = many.timings.get(("Orthanc", q.name), Timings()).median()
+            if median is None or reference is None:
+                lines.append(f"- {MANY_STUDIES} answers, {label}, {q.name}: not measured")
+                continue
+            lines.append(
+                f"- {MANY_STUDIES} answers, {label}, {q.name}: {median:.1f} ms vs Orthanc {reference:.1f} ms "
+                f"({median / reference:.2f}x), at least as fast as Orthanc: {'met' if median <= reference else 'NOT met'}"
+            )
+    return lines
+
+
 def explain_lines(runs: list[LargeRun], markdown: bool) -> list[str]:
     """Each query's plan and whether it uses an index, per database."""
     lines: list[str] = []
@@ -1151,12 +1280,15 @@ def write_markdown(
     runs: list[LargeRun],
     small: SmallRun,
     queries: list[Query],
+    many: SmallRun,
 ) -> None:
     errors = [f"- {db_label(r.db)}: {e}" for r in runs for e in r.errors] + [f"- small archive: {e}" for e in small.errors]
     errors += [
         f"- {db_label(r.db)}, {name}, {client}: {e}" for r in runs for (name, client), t in r.timings.items() for e in t.errors[:3]
     ]
     errors += [f"- small archive, {label}, {name}: {e}" for (label, name), t in small.timings.items() for e in t.errors[:3]]
+    errors += [f"- {MANY_STUDIES} answers: {e}" for e in many.errors]
+    errors += [f"- {MANY_STUDIES} answers, {label}, {name}: {e}" for (label, name), t in many.timings.items() for e in t.errors[:3]]
     text = [
         f"# Query (C-FIND) benchmark, {dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
         "",
@@ -1182,9 +1314,17 @@ def write_markdown(
         "",
         markdown_table(SMALL_HEADER, small_rows(small), SMALL_NUMERIC),
         "",
+        f"## {MANY_STUDIES} answers against Orthanc (pynetdicom and findscu, STUDY level)",
+        "",
+        f"{MANY_STUDIES} studies of one 16x16 image each, all of patients named MANY^...; the same query "
+        "from a pynetdicom client (one association) and from findscu, against Orthanc and pacsportal.",
+        "",
+        markdown_table(SMALL_HEADER, small_rows(many), SMALL_NUMERIC),
+        "",
         "## Targets",
         "",
         *target_lines(runs, small, queries),
+        *many_target_lines(many),
         "",
         "## EXPLAIN",
         "",
@@ -1215,6 +1355,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--repeats", type=int, default=REPEATS, help=f"timed repetitions per row (default: {REPEATS})")
     parser.add_argument("--pg-admin-url", default=ingest.DEFAULT_PG_ADMIN_URL, help="where to create the throw-away databases")
+    parser.add_argument(
+        "--parts",
+        default="large,small,many",
+        help="which parts to run, comma-separated: large, small, many (default: all three)",
+    )
     # Internal: the parts that run inside Django, in a child process with the receiver's environment.
     parser.add_argument("--child", choices=["fill", "explain"], help=argparse.SUPPRESS)
     parser.add_argument("--queries", help=argparse.SUPPRESS)
@@ -1226,6 +1371,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--studies must be at least 20")
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    args.parts = {part.strip() for part in args.parts.split(",") if part.strip()}
+    if not args.parts or args.parts - {"large", "small", "many"}:
+        parser.error("--parts takes large, small and many, comma-separated")
     args.load_start = ingest.load_average()
     return args
 
@@ -1273,25 +1421,31 @@ def main(argv: list[str] | None = None) -> int:
             + ", ".join(f"{q.name} {q.expected}" for q in queries),
             flush=True,
         )
-        runs = [run_large(db, args, plan, queries, work, processes, pg) for db in dbs]
-        small = run_small(dbs, args, work, processes, pg)
+        runs = [run_large(db, args, plan, queries, work, processes, pg) for db in dbs] if "large" in args.parts else []
+        small = run_small(dbs, args, work, processes, pg) if "small" in args.parts else SmallRun()
+        many = run_many(dbs, args, work, processes, pg) if "many" in args.parts else SmallRun()
 
-        print()
-        print(text_table(LARGE_HEADER, large_rows(runs, queries), LARGE_NUMERIC))
-        print()
-        print(text_table(SMALL_HEADER, small_rows(small), SMALL_NUMERIC))
+        if runs:
+            print()
+            print(text_table(LARGE_HEADER, large_rows(runs, queries), LARGE_NUMERIC))
+        if small.queries:
+            print()
+            print(text_table(SMALL_HEADER, small_rows(small), SMALL_NUMERIC))
+        if many.queries:
+            print()
+            print(text_table(SMALL_HEADER, small_rows(many), SMALL_NUMERIC))
         print()
         print("\n".join(data_lines(plan, runs)))
         print()
-        print("\n".join(target_lines(runs, small, queries)))
+        print("\n".join(target_lines(runs, small, queries) + many_target_lines(many)))
         print()
         print("\n".join(explain_lines(runs, markdown=False)))
         out = RESULTS_DIR / f"query-{time.strftime('%Y%m%d-%H%M%S')}.md"
-        write_markdown(out, args, plan, runs, small, queries)
+        write_markdown(out, args, plan, runs, small, queries, many)
         print(f"written to {out.relative_to(ROOT)} (total {time.perf_counter() - started:.0f} s)")
-        failed = any(r.errors for r in runs) or small.errors
+        failed = any(r.errors for r in runs) or small.errors or many.errors
         failed = failed or any(t.errors for r in runs for t in r.timings.values())
-        failed = failed or any(t.errors for t in small.timings.values())
+        failed = failed or any(t.errors for run in (small, many) for t in run.timings.values())
         if failed:
             print("some measurements failed or gave wrong answer counts; see above", file=sys.stderr)
             return 1
