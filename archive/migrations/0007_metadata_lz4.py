@@ -1,7 +1,8 @@
 """On PostgreSQL, compress each instance's header (``archive_instance.metadata``) with LZ4
 instead of the default PGLZ: a CT slice's header (5.7 KB of JSON) is compressed on every
-insert, and PGLZ was the largest single cost inside the ingest's one statement (measured
-with ``perf`` on the PostgreSQL backend: 0.32 against 0.27 ms of server CPU an insert).
+insert, and ``pglz_compress`` was the function with the most samples in a ``perf`` profile of
+the PostgreSQL backends during an ingest. By hand, LZ4 took 0.26-0.27 against 0.31 ms of
+the server's CPU an insert (docs/performance.md).
 
 Only new values are compressed the new way; a server built without LZ4 (or older than
 PostgreSQL 14) keeps PGLZ, with a notice, since the migration must not fail for a speed-up.
