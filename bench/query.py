@@ -853,6 +853,38 @@ SMALL_PATIENTS = [
 ]
 
 
+def write_small_image(path: Path, modality: str, study_uid: str, series: int, number: int, **attributes: Any) -> Path:
+    """Write one 16x16 image of ``modality`` (Part 10, Explicit VR Little Endian) as instance
+    ``number`` of series ``series`` of ``study_uid``, with the patient and study
+    ``attributes`` given (DICOM keywords)."""
+    sop_uid = f"{study_uid}.{series}.{number}"
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SOP_CLASSES[modality]
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    ds.SOPClassUID = SOP_CLASSES[modality]
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = f"{study_uid}.{series}"
+    ds.Modality = modality
+    ds.SeriesNumber = series
+    ds.InstanceNumber = number
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = ds.Columns = 16
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.PixelData = bytes(16 * 16 * 2)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
 def build_corpus(folder: Path) -> tuple[list[Path], dict[str, int]]:
     """Write the small archive: 20 studies of 2 series of 3 small images (pydicom, Part 10).
     Return the files and the expected answer counts of the small queries."""
@@ -869,43 +901,16 @@ def build_corpus(folder: Path) -> tuple[list[Path], dict[str, int]]:
         date = FIRST_DAY + dt.timedelta(days=rng.randrange(DAYS))
         for series in range(1, SMALL_SERIES + 1):
             for number in range(1, SMALL_INSTANCES + 1):
-                sop_uid = f"{study_uid}.{series}.{number}"
-                meta = FileMetaDataset()
-                meta.MediaStorageSOPClassUID = SOP_CLASSES[modality]
-                meta.MediaStorageSOPInstanceUID = sop_uid
-                meta.TransferSyntaxUID = ExplicitVRLittleEndian
-                ds = Dataset()
-                ds.file_meta = meta
-                ds.SpecificCharacterSet = "ISO_IR 192"
-                ds.SOPClassUID = SOP_CLASSES[modality]
-                ds.SOPInstanceUID = sop_uid
-                ds.StudyInstanceUID = study_uid
-                ds.SeriesInstanceUID = f"{study_uid}.{series}"
-                ds.PatientID = patient_id
-                ds.PatientName = name
-                ds.PatientBirthDate = "19700101"
-                ds.PatientSex = "F"
-                ds.AccessionNumber = f"S{index + 1:05d}"
-                ds.StudyDate = ds.SeriesDate = date.strftime("%Y%m%d")
-                ds.StudyTime = ds.SeriesTime = "101500"
-                ds.StudyDescription = rng.choice(DESCRIPTIONS[modality])
-                ds.ReferringPhysicianName = "Weber^Klaus"
-                ds.StudyID = str(index + 1)
-                ds.Modality = modality
-                ds.SeriesNumber = series
-                ds.SeriesDescription = f"{modality} series {series}"
-                ds.InstanceNumber = number
-                ds.SamplesPerPixel = 1
-                ds.PhotometricInterpretation = "MONOCHROME2"
-                ds.Rows = ds.Columns = 16
-                ds.BitsAllocated = 16
-                ds.BitsStored = 12
-                ds.HighBit = 11
-                ds.PixelRepresentation = 0
-                ds.PixelData = bytes(16 * 16 * 2)
+                day = date.strftime("%Y%m%d")
                 path = folder / f"{index + 1:02d}-{series}-{number}.dcm"
-                ds.save_as(path, enforce_file_format=True)
-                files.append(path)
+                files.append(write_small_image(
+                    path, modality, study_uid, series, number,
+                    SpecificCharacterSet="ISO_IR 192", PatientID=patient_id, PatientName=name,
+                    PatientBirthDate="19700101", PatientSex="F", AccessionNumber=f"S{index + 1:05d}",
+                    StudyDate=day, SeriesDate=day, StudyTime="101500", SeriesTime="101500",
+                    StudyDescription=rng.choice(DESCRIPTIONS[modality]), ReferringPhysicianName="Weber^Klaus",
+                    StudyID=str(index + 1), SeriesDescription=f"{modality} series {series}",
+                ))
     prefix = fold(SMALL_PREFIX.rstrip("*"))
     expected = {
         "all": SMALL_STUDIES,
@@ -1014,42 +1019,14 @@ def build_many_corpus(folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     files = []
     for index in range(MANY_STUDIES):
-        study_uid = f"{UID_ROOT}8.{index + 1}"
-        sop_uid = f"{study_uid}.1.1"
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = SOP_CLASSES["CT"]
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID = SOP_CLASSES["CT"]
-        ds.SOPInstanceUID = sop_uid
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = f"{study_uid}.1"
-        ds.PatientID = f"M{index + 1:05d}"
-        ds.PatientName = f"MANY^Patient{index + 1}"
-        ds.PatientBirthDate = "19700101"
-        ds.PatientSex = "M"
-        ds.AccessionNumber = f"M{index + 1:05d}"
-        ds.StudyDate = ds.SeriesDate = (FIRST_DAY + dt.timedelta(days=index)).strftime("%Y%m%d")
-        ds.StudyTime = ds.SeriesTime = "101500"
-        ds.StudyDescription = "CT HEAD"
-        ds.ReferringPhysicianName = "Weber^Klaus"
-        ds.StudyID = str(index + 1)
-        ds.Modality = "CT"
-        ds.SeriesNumber = 1
-        ds.InstanceNumber = 1
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows = ds.Columns = 16
-        ds.BitsAllocated = 16
-        ds.BitsStored = 12
-        ds.HighBit = 11
-        ds.PixelRepresentation = 0
-        ds.PixelData = bytes(16 * 16 * 2)
-        path = folder / f"many-{index + 1:03d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        files.append(path)
+        day = (FIRST_DAY + dt.timedelta(days=index)).strftime("%Y%m%d")
+        files.append(write_small_image(
+            folder / f"many-{index + 1:03d}.dcm", "CT", f"{UID_ROOT}8.{index + 1}", 1, 1,
+            PatientID=f"M{index + 1:05d}", PatientName=f"MANY^Patient{index + 1}", PatientBirthDate="19700101",
+            PatientSex="M", AccessionNumber=f"M{index + 1:05d}", StudyDate=day, SeriesDate=day,
+            StudyTime="101500", SeriesTime="101500", StudyDescription="CT HEAD",
+            ReferringPhysicianName="Weber^Klaus", StudyID=str(index + 1),
+        ))
     return files
 
 
