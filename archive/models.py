@@ -125,7 +125,7 @@ class Series(models.Model):
 class Instance(models.Model):
     """A stored SOP instance and its Part 10 file under PACS_STORAGE_DIR."""
 
-    series = models.ForeignKey(Series, on_delete=models.CASCADE, related_name="instances")
+    series = models.ForeignKey(Series, on_delete=models.CASCADE, related_name="instances", db_index=False)
     sop_instance_uid = models.CharField("SOP Instance UID", max_length=64, unique=True)
     sop_class_uid = models.CharField("SOP Class UID", max_length=64, db_index=True)
     instance_number = models.IntegerField(null=True, blank=True)
