@@ -29,16 +29,16 @@ C-STORE of a 512 KB CT slice to a peer taking 16 KB PDUs that is 33 PDUs; for a 
   the association's own thread turns the state machine whenever it waits (``pump``), so an
   association is one thread and a PDU is read, decoded and served without changing threads.
 - ``Negotiations`` answers an A-ASSOCIATE-RQ seen before, byte for byte, with the
-  A-ASSOCIATE-AC pynetdicom gave it, as soon as it is read; the negotiation then runs as
-  usual and its answer is checked against the one sent. An idle association's
+  A-ASSOCIATE-AC pynetdicom gave it, as soon as it is read, and ``PacsACSE`` replays the
+  negotiation that gave that answer instead of negotiating again. An idle association's
   A-RELEASE-RQ is answered as it is read.
 - C-ECHO and C-FIND requests are read by ``PacsDIMSE`` too (``FastEcho``, ``FastFind``).
 
-Everything else (association negotiation, the state machine, release, abort, timeouts,
-every other service) stays pynetdicom's. Messages that go the fast way do not trigger
-pynetdicom's EVT_PDU_SENT, EVT_DIMSE_SENT, EVT_PDU_RECV or EVT_DIMSE_RECV notifications, and
-a C-STORE or C-FIND received the fast way calls ``ae.pacs_store`` or ``ae.pacs_find``
-instead of EVT_C_STORE's or EVT_C_FIND's handlers.
+Everything else (the first negotiation of a request, the state machine, release, abort,
+timeouts, every other service) stays pynetdicom's. Messages that go the fast way do not
+trigger pynetdicom's EVT_PDU_SENT, EVT_DIMSE_SENT, EVT_PDU_RECV or EVT_DIMSE_RECV
+notifications, and a C-STORE or C-FIND received the fast way calls ``ae.pacs_store`` or
+``ae.pacs_find`` instead of EVT_C_STORE's or EVT_C_FIND's handlers.
 ``install()`` makes pynetdicom build its associations from these classes; it is written
 against pynetdicom 3.0 (pinned in requirements.txt) and refuses any other major version.
 """
@@ -46,6 +46,7 @@ against pynetdicom 3.0 (pinned in requirements.txt) and refuses any other major 
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import os
@@ -58,17 +59,20 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pynetdicom
+from pynetdicom import acse as pynetdicom_acse
 from pynetdicom import association as pynetdicom_association
 from pynetdicom import evt
+from pynetdicom._globals import APPLICATION_CONTEXT_NAME
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_RELEASE_RP
-from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT, A_RELEASE, P_DATA
+from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT, A_RELEASE, P_DATA
 
 from archive.dimse import wire
 
@@ -223,6 +227,7 @@ class PacsDUL(DULServiceProvider):
         self._request: bytes | None = None  # the A-ASSOCIATE-RQ PDU, until it is answered
         self._request_pdu: Any = None  # and as pynetdicom decoded it
         self._early: bytes | None = None  # the A-ASSOCIATE-AC sent before negotiation (``Negotiations``)
+        self._outcome: Outcome | None = None  # the negotiation that gave it, to replay (``PacsACSE``)
         self._released: bytes | None = None  # the A-RELEASE-RP sent as the A-RELEASE-RQ was read
         self.user_waiting = False  # a requestor's association waits for its A-ASSOCIATE answer (``_UserQueue``)
         self.to_user_queue = _UserQueue(assoc, self)
@@ -315,14 +320,33 @@ class PacsDUL(DULServiceProvider):
         known = negotiations.get(request)
         if known is None:
             return None
-        answer, decoded = known
         raw = self.socket.socket  # type: ignore[union-attr]
         try:
-            raw.sendall(answer)
+            raw.sendall(known.answer)
         except OSError:
             return None  # the state machine finds the connection gone
-        self._early = answer
-        return decoded
+        self._early = known.answer
+        self._outcome = known.outcome
+        return known.decoded
+
+    def replayable(self) -> Outcome | None:
+        """The negotiation to replay for this association's request (``PacsACSE``): the one
+        whose answer was sent early, when nothing watches the sending of that answer (no
+        handler for EVT_ACSE_SENT, EVT_PDU_SENT or EVT_FSM_TRANSITION, which the replay
+        does not trigger); else None, and pynetdicom negotiates."""
+        if self._early is None or self._outcome is None or self.state_machine.current_state != "Sta3":
+            return None
+        if any(self.assoc.get_handlers(event) for event in REPLAY_UNSEEN_EVENTS):
+            return None
+        return self._outcome
+
+    def accepted_early(self, primitive: Any) -> None:
+        """The replayed negotiation's A-ASSOCIATE response (accept): its PDU went early, so
+        the state machine takes AE-7's transition (Sta3 + Evt7 -> Sta6, PS3.8 9.2) without
+        building and encoding it again."""
+        self._request = self._early = self._outcome = None
+        with self.io_lock:
+            self.state_machine.transition("Sta6")
 
     def _send(self, pdu: Any) -> None:
         """Send a PDU (pynetdicom's ``_send``). The answer to an A-ASSOCIATE-RQ is checked
@@ -351,7 +375,8 @@ class PacsDUL(DULServiceProvider):
             self._abort_hard()
             return
         if isinstance(pdu, A_ASSOCIATE_AC) and negotiations is not None and negotiations.may_answer(self.assoc):
-            negotiations.put(request, (data, self._request_pdu), self.assoc.pacs_generation)
+            known = Known(data, self._request_pdu, Outcome.of(self.assoc))
+            negotiations.put(request, known, self.assoc.pacs_generation)
         if self.socket is not None:
             self.socket.send(data)
             evt.trigger(self.assoc, evt.EVT_PDU_SENT, {"pdu": pdu})
@@ -802,6 +827,7 @@ class PacsAssociation(pynetdicom_association.Association):
         # The known answers' generation when this association took the AE's handlers.
         self.pacs_generation = negotiations.generation if negotiations is not None else 0
         super().__init__(ae, mode)
+        self.acse = PacsACSE(self)
 
     def run(self) -> None:
         if self.pacs_go is not None:
@@ -962,6 +988,93 @@ class PacsAssociation(pynetdicom_association.Association):
             log.warning("C-STORE response not sent: %s", exc)
 
 
+# Notifications the replay of a negotiation does not give (it sends and encodes nothing).
+REPLAY_UNSEEN_EVENTS = (evt.EVT_ACSE_SENT, evt.EVT_PDU_SENT, evt.EVT_FSM_TRANSITION)
+
+
+def _copy_context(context: Any) -> Any:
+    copied = copy.copy(context)
+    copied._transfer_syntax = list(context._transfer_syntax)
+    return copied
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What pynetdicom's negotiation of one A-ASSOCIATE-RQ decided as acceptor
+    (``ACSE._negotiate_as_acceptor``), read off the association it was negotiated on: the
+    presentation contexts as negotiated, accepted and rejected (PS3.8 9.3.3.2), the
+    acceptor's extended negotiation items (SCP/SCU role selection, asynchronous operations
+    window, SOP class extended negotiation; PS3.7 D.3.3) and the SOP class common extended
+    negotiation it accepted. Its objects are copies, only read from."""
+
+    contexts: tuple[Any, ...]
+    items: tuple[Any, ...]
+    common_extended: tuple[tuple[Any, Any], ...]
+
+    @classmethod
+    def of(cls, assoc: Any) -> Outcome:
+        negotiated = sorted([*assoc._accepted_cx.values(), *assoc._rejected_cx], key=lambda cx: cx.context_id)
+        acceptor = assoc.acceptor
+        return cls(
+            tuple(_copy_context(cx) for cx in negotiated),
+            tuple(item for items in acceptor._ext_neg.values() for item in items),
+            tuple(acceptor._common_ext.items()),
+        )
+
+    def apply(self, assoc: Any) -> None:
+        """Give ``assoc`` this outcome, as the negotiation leaves it on the association."""
+        contexts = [_copy_context(cx) for cx in self.contexts]
+        assoc._accepted_cx = {cx.context_id: cx for cx in contexts if cx.result == 0x00}
+        assoc._rejected_cx = [cx for cx in contexts if cx.result != 0x00]
+        for item in self.items:
+            assoc.acceptor.add_negotiation_item(item)
+        assoc.acceptor._common_ext = dict(self.common_extended)
+
+
+@dataclass(frozen=True)
+class Known:
+    """A known answer: the A-ASSOCIATE-AC PDU's bytes, the request as pynetdicom decoded it
+    (its PDU object, only read from: ``to_primitive`` builds new objects for each
+    association), and the negotiation that gave the answer (None: negotiate again, and
+    check that the answer is the same)."""
+
+    answer: bytes
+    decoded: Any
+    outcome: Outcome | None
+
+
+class PacsACSE(pynetdicom_acse.ACSE):
+    """pynetdicom's ACSE. An acceptor whose request was answered early (``Negotiations``)
+    replays the negotiation that gave that answer instead of negotiating again: the
+    association takes the presentation contexts and the negotiation items the peer was
+    told, and the request that waits behind the A-ASSOCIATE-RQ is served at once."""
+
+    def _negotiate_as_acceptor(self) -> None:
+        dul = self.dul
+        outcome = dul.replayable() if isinstance(dul, PacsDUL) else None
+        if outcome is None:
+            super()._negotiate_as_acceptor()
+            return
+        assoc = self.assoc
+        request = self.requestor.primitive
+        self.requestor.ae_title = request.calling_ae_title
+        outcome.apply(assoc)
+        # The A-ASSOCIATE response primitive, as ``send_accept`` builds it (it was sent early).
+        primitive = A_ASSOCIATE()
+        primitive.application_context_name = APPLICATION_CONTEXT_NAME
+        primitive.calling_ae_title = request.calling_ae_title
+        primitive.called_ae_title = request.called_ae_title
+        primitive.result = 0x00
+        primitive.result_source = 0x01
+        primitive.presentation_context_definition_results_list = assoc.accepted_contexts + assoc.rejected_contexts
+        primitive.user_information = self.acceptor.user_information
+        self.acceptor.primitive = primitive
+        dul.accepted_early(primitive)
+        evt.trigger(assoc, evt.EVT_ACCEPTED, {})
+        assoc.is_established = True
+        evt.trigger(assoc, evt.EVT_ESTABLISHED, {})
+
+
 class Negotiations:
     """The A-ASSOCIATE-AC PDUs pynetdicom gave, by the A-ASSOCIATE-RQ PDU they answer,
     byte for byte (PS3.8 9.3.2, 9.3.3), with the request as pynetdicom decoded it (its PDU
@@ -970,10 +1083,15 @@ class Negotiations:
     A modality or workstation asks for its associations with the same request every time;
     with the AE's configuration and negotiation handlers unchanged, pynetdicom's answer to
     the same bytes is the same. An inline association sends the known answer as soon as
-    the request is read, then negotiates as usual and checks that its answer is the one
-    sent (``PacsDUL._send``; a difference aborts the association and empties this). The
+    the request is read, then replays the negotiation that gave it (``PacsACSE``): it takes
+    the presentation contexts and negotiation items the peer was just told, and its first
+    request is served without waiting for a negotiation (half a millisecond of Python for
+    one presentation context, more for a modality's hundred). Where the replay cannot be
+    (a handler watches the answer being sent, or a known answer without its negotiation)
+    the association negotiates as usual and checks that its answer is the one sent
+    (``PacsDUL._send``; a difference aborts the association and empties this). The
     requestor has its answer without waiting for the request's decoding, the negotiation
-    and the answer's encoding (most of a millisecond of Python).
+    and the answer's encoding.
 
     Only an AE whose negotiation handlers (EVT_REQUESTED, user identity, extended
     negotiation, asynchronous operations) are pynetdicom's defaults answers early, and only
@@ -983,18 +1101,17 @@ class Negotiations:
     NEGOTIATION_EVENTS = (evt.EVT_USER_ID, evt.EVT_SOP_EXTENDED, evt.EVT_SOP_COMMON, evt.EVT_ASYNC_OPS)
 
     def __init__(self, size: int = 256) -> None:
-        self._answers: dict[bytes, tuple[bytes, Any]] = {}
+        self._answers: dict[bytes, Known] = {}
         self._lock = threading.Lock()
         self.size = size
         self.generation = 0  # counts clears: an association built before one keeps no answer
 
-    def get(self, request: bytes) -> tuple[bytes, Any] | None:
-        """(the answer's bytes, the decoded request) for a request's bytes, or None."""
+    def get(self, request: bytes) -> Known | None:
+        """The known answer to a request's bytes, or None."""
         return self._answers.get(request)
 
-    def put(self, request: bytes, answer: tuple[bytes, Any], generation: int) -> None:
-        """Keep ``answer`` (bytes, decoded request), given by an association built at
-        ``generation``."""
+    def put(self, request: bytes, answer: Known, generation: int) -> None:
+        """Keep ``answer``, given by an association built at ``generation``."""
         with self._lock:
             if generation != self.generation:
                 return  # its handlers may be those of before the last clear

@@ -563,16 +563,73 @@ def test_a_known_association_request_is_answered_before_its_negotiation(scp: Scp
     assert early[-2:] == [False, True]
 
 
-def test_an_early_answer_that_negotiation_would_not_give_aborts_and_is_forgotten(scp: Scp, caplog) -> None:
+def test_a_known_request_replays_the_negotiation_that_answered_it(scp: Scp, monkeypatch) -> None:
+    from pynetdicom import build_role
+    from pynetdicom.sop_class import CTImageStorage
+
+    from archive.dimse import fastpath
+
+    replayed: list[bool] = []
+    original = fastpath.PacsDUL.accepted_early
+
+    def accepted_early(self, primitive) -> None:
+        replayed.append(True)
+        original(self, primitive)
+
+    monkeypatch.setattr(fastpath.PacsDUL, "accepted_early", accepted_early)
+
+    def request():
+        ae = AE(ae_title="WORKSTATION")
+        ae.add_requested_context(CTImageStorage)
+        ae.add_requested_context("1.2.826.0.1.3680043.10.99.1")  # unknown to the archive: rejected
+        ae.add_requested_context(Verification)
+        # A C-GET requester takes the Storage SCP role (PS3.7 D.3.3.4): a role selection item.
+        return ae.associate("127.0.0.1", scp.port, ae_title="PACSPORTAL", ext_neg=[build_role(CTImageStorage, scp_role=True)])
+
+    seen = []
+    for _ in range(2):
+        assoc = request()
+        assert assoc.is_established
+        deadline = time.monotonic() + 5
+        server_assoc = None
+        while time.monotonic() < deadline:
+            server_assoc = next((a for a in scp.server.active_associations if a.is_established), None)
+            if server_assoc is not None:
+                break
+            time.sleep(0.01)
+        assert server_assoc is not None
+        seen.append(
+            (
+                sorted((cx.context_id, cx.abstract_syntax, cx.transfer_syntax[0], cx.as_scu, cx.as_scp) for cx in server_assoc.accepted_contexts),
+                sorted((cx.context_id, cx.result) for cx in server_assoc.rejected_contexts),
+                sorted((uid, item.scu_role, item.scp_role) for uid, item in server_assoc.acceptor.role_selection.items()),
+                sorted((cx.context_id, cx.as_scu, cx.as_scp) for cx in assoc.accepted_contexts),
+            )
+        )
+        assert assoc.send_c_echo().Status == status.SUCCESS
+        assoc.release()
+        server_assoc.join(5)
+    assert replayed == [True]  # the first was negotiated, the second replayed
+    assert seen[0] == seen[1]
+    accepted, rejected, roles, requestor_side = seen[1]
+    assert len(accepted) == 2 and rejected and rejected[0][1] != 0x00
+    assert roles == [(CTImageStorage, False, True)]
+    assert (accepted[0][3], accepted[0][4]) == (True, False)  # the archive acts as SCU of CT storage here
+
+
+def test_a_known_answer_without_its_negotiation_is_checked_and_a_different_one_aborts(scp: Scp, caplog) -> None:
+    from archive.dimse import fastpath
+
     assoc = associate(scp)
     assoc.release()
     negotiations = scp.ae.pacs_negotiations
-    (request, (answer, decoded)), = negotiations._answers.items()
-    # As if the configuration had changed without clearing: the peer gets an answer
-    # negotiation would not give (another maximum PDU length), then an abort.
-    wrong = answer.replace(b"\x51\x00\x00\x04\x00\x00\x00\x00", b"\x51\x00\x00\x04\x00\x00\x40\x00")
-    assert wrong != answer
-    negotiations._answers[request] = (wrong, decoded)
+    (request, known), = negotiations._answers.items()
+    # As if the configuration had changed without clearing, and no negotiation were kept
+    # to replay: the peer gets an answer negotiation would not give (another maximum PDU
+    # length), then an abort.
+    wrong = known.answer.replace(b"\x51\x00\x00\x04\x00\x00\x00\x00", b"\x51\x00\x00\x04\x00\x00\x40\x00")
+    assert wrong != known.answer
+    negotiations._answers[request] = fastpath.Known(wrong, known.decoded, None)
     assoc = associate(scp)
     deadline = time.monotonic() + 5
     while not assoc.is_aborted and time.monotonic() < deadline:
@@ -585,7 +642,7 @@ def test_an_early_answer_that_negotiation_would_not_give_aborts_and_is_forgotten
         assert assoc.is_established and assoc.send_c_echo().Status == status.SUCCESS
         assoc.release()
         time.sleep(0.1)
-    assert list(negotiations._answers) == [request] and negotiations._answers[request][0] == answer
+    assert list(negotiations._answers) == [request] and negotiations._answers[request].answer == known.answer
 
 
 def test_changed_handlers_forget_the_known_answers(scp: Scp) -> None:
