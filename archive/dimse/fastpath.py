@@ -539,6 +539,8 @@ class PacsDUL(DULServiceProvider):
             self.close_wake()
 
     def _wait(self, timeout: float = IDLE_WAIT) -> None:
+        if getattr(self.assoc, "pacs_on_idle", None) is not None and self.state_machine.current_state == "Sta6":
+            self.assoc.idle()  # established, and nothing to do until the peer sends
         watched: list[Any] = [self._wake_r]
         raw = getattr(self.socket, "socket", None)
         if raw is not None and not self.lent and getattr(self.socket, "_is_connected", False):
@@ -821,6 +823,9 @@ class PacsAssociation(pynetdicom_association.Association):
     # standby): its thread waits for ``pacs_go`` before it starts serving.
     pacs_go: threading.Event | None = None
     pacs_cancelled = False
+    # Called once from this association's thread when it is established and first waits
+    # for its peer, or when it ends without that (the server's standby prepares another).
+    pacs_on_idle: Any = None
 
     def __init__(self, ae: Any, mode: str) -> None:
         negotiations = getattr(ae, "pacs_negotiations", None)
@@ -836,7 +841,16 @@ class PacsAssociation(pynetdicom_association.Association):
                 if isinstance(self.dul, PacsDUL):
                     self.dul.close_wake()
                 return
-        super().run()
+        try:
+            super().run()
+        finally:
+            self.idle()
+
+    def idle(self) -> None:
+        """Call ``pacs_on_idle`` once."""
+        callback, self.pacs_on_idle = self.pacs_on_idle, None
+        if callback is not None:
+            callback()
 
     def run_reactor(self) -> None:
         try:

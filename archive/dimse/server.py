@@ -139,8 +139,11 @@ class PacsAssociationServer(ThreadedAssociationServer):
         without a standby, prepare one here, in the accepting thread, instead of in a
         pynetdicom handler thread that starts the association's."""
         try:
-            assoc = self.standby.take() if self.standby is not None else None
-            self.hand_over(assoc or self.prepare(), request, client_address)
+            standby = self.standby
+            assoc = (standby.take() if standby is not None else None) or self.prepare()
+            if standby is not None:
+                assoc.pacs_on_idle = standby.refill  # the next is prepared once this one is served
+            self.hand_over(assoc, request, client_address)
         except Exception:  # noqa: BLE001 - as socketserver: report, close, go on accepting
             self.handle_error(request, client_address)
             self.shutdown_request(request)
@@ -236,8 +239,10 @@ class Standby:
     new connection finds its association built and its thread running: the requestor's
     A-ASSOCIATE-RQ is answered without waiting for either (most of a millisecond).
 
-    A thread of its own prepares the next one ``DELAY`` seconds after one is taken, so that
-    the work does not take the interpreter lock from the association just accepted.
+    A thread of its own prepares the next one ``DELAY`` seconds after the association that
+    took one is established and waits for its peer (``refill``, called from that
+    association's thread), so that neither the wake-up nor the work takes the interpreter
+    lock from the association between its A-ASSOCIATE-RQ and its first request.
     """
 
     DELAY = 0.01
@@ -256,11 +261,15 @@ class Standby:
         self._thread.start()
 
     def take(self) -> fastpath.PacsAssociation | None:
-        """The prepared association, or None (then the caller builds one)."""
+        """The prepared association, or None (then the caller builds one). The next is
+        prepared after ``refill``."""
         with self._lock:
             assoc, self._assoc = self._assoc, None
-        self._wanted.set()
         return assoc
+
+    def refill(self) -> None:
+        """Prepare another, if none is prepared (``DELAY`` seconds from now)."""
+        self._wanted.set()
 
     def discard(self) -> None:
         """Drop the prepared association (its handlers changed); prepare another."""
