@@ -7,6 +7,10 @@ STUDY-level ``findscu`` (``TCP_NODELAY=1``) against each, interleaved, and print
 
 * the client's wall time from process start to exit, and its CPU time (the client's own
   work, the same whatever the server: a difference in wall time is the server's);
+* the server's CPU time an association: its processes' CPU (``/proc``; for pacsportal the
+  ``runscp`` process and its workers, not the PostgreSQL server) over all the runs, warm-up
+  included, divided by their number. On a machine with few cores this is what a client
+  competes with: the server's work after an answer delays the client's next step;
 * with ``tcpdump`` on the loopback interface (run as root), the median time of each step
   as it shows on the wire, from the last packet of one side to the first of the other:
   the server's A-ASSOCIATE-AC, the client's time before its request, the server's
@@ -63,6 +67,20 @@ def run_client(tool: str, ae_title: str, port: int) -> tuple[float, float]:
     return wall, cpu
 
 
+def process_cpu_ms(pid: int) -> float:
+    """CPU ms (user and system) that process ``pid`` and its children have used so far."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    total = 0
+    for each in [str(pid), *children]:
+        try:
+            fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total * 1000 / ticks
+
+
 def wire_steps(capture: Path, port: int) -> dict[str, float]:
     """Median ms of each step of the connections to ``port`` in a tcpdump text capture."""
     connections: dict[str, list[tuple[float, str, int, str]]] = {}
@@ -106,6 +124,7 @@ def measure(targets: list[tuple[str, ingest.Receiver]], tool: str, repeats: int,
         )
         time.sleep(1.0)
     runs: dict[str, list[tuple[float, float]]] = {label: [] for label, _ in targets}
+    cpu_before = {label: process_cpu_ms(receiver.proc.pid) for label, receiver in targets if receiver.proc}
     try:
         for repeat in range(repeats + 1):  # the first round warms up, untimed
             for label, receiver in targets:
@@ -124,6 +143,7 @@ def measure(targets: list[tuple[str, ingest.Receiver]], tool: str, repeats: int,
             "wall": statistics.median(walls),
             "p90": sorted(walls)[int(len(walls) * 0.9) - 1],
             "cpu": statistics.median(c for _, c in runs[label]),
+            "server_cpu": (process_cpu_ms(receiver.proc.pid) - cpu_before[label]) / (repeats + 1) if receiver.proc else None,
         }
     if capture is not None:
         text = work / f"{tool}.txt"
@@ -159,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         query.store(files, pacs, processes)
         print(f"Command: .venv/bin/python bench/association.py --db {args.db} --repeats {args.repeats}")
         print(f"{len(files)} files stored in each; {args.repeats} interleaved runs per row after one warm-up round\n")
-        header = "| client | server | wall ms (median / p90) | vs Orthanc | client CPU ms | " + " | ".join(STEPS) + " | connection |"
+        header = "| client | server | wall ms (median / p90) | vs Orthanc | client CPU ms | server CPU ms | " + " | ".join(STEPS) + " | connection |"
         print(header)
         print("|" + "---|" * (header.count("|") - 1))
         for tool in ("echoscu", "findscu"):
@@ -171,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                 cells = [f"{wire[name]:.2f}" if name in wire else "n/a" for name in [*STEPS, "connection"]]
                 print(
                     f"| {tool} | {label} | {r['wall']:.1f} / {r['p90']:.1f} | {r['wall'] / reference:.2f}x | {r['cpu']:.1f} | "
+                    + (f"{r['server_cpu']:.2f} | " if r["server_cpu"] is not None else "n/a | ")
                     + " | ".join(cells) + " |",
                     flush=True,
                 )
