@@ -587,6 +587,7 @@ def test_a_known_request_replays_the_negotiation_that_answered_it(scp: Scp, monk
         return ae.associate("127.0.0.1", scp.port, ae_title="PACSPORTAL", ext_neg=[build_role(CTImageStorage, scp_role=True)])
 
     seen = []
+    primitives = []
     for _ in range(2):
         assoc = request()
         assert assoc.is_established
@@ -604,14 +605,22 @@ def test_a_known_request_replays_the_negotiation_that_answered_it(scp: Scp, monk
                 sorted((cx.context_id, cx.result) for cx in server_assoc.rejected_contexts),
                 sorted((uid, item.scu_role, item.scp_role) for uid, item in server_assoc.acceptor.role_selection.items()),
                 sorted((cx.context_id, cx.as_scu, cx.as_scp) for cx in assoc.accepted_contexts),
+                sorted((cx.context_id, cx.abstract_syntax, tuple(cx.transfer_syntax)) for cx in server_assoc.requestor.requested_contexts),
+                server_assoc.requestor.maximum_length,
             )
         )
+        primitives.append(server_assoc.requestor.primitive)
         assert assoc.send_c_echo().Status == status.SUCCESS
         assoc.release()
         server_assoc.join(5)
     assert replayed == [True]  # the first was negotiated, the second replayed
     assert seen[0] == seen[1]
-    accepted, rejected, roles, requestor_side = seen[1]
+    # The second's request primitive is its own copy of the one kept, not shared with it.
+    (known,) = scp.ae.pacs_negotiations._answers.values()
+    assert known.primitive is not None and primitives[1] is not known.primitive
+    assert primitives[1].presentation_context_definition_list[0] is not known.primitive.presentation_context_definition_list[0]
+    accepted, rejected, roles, _, requested, _ = seen[1]
+    assert len(requested) == 3
     assert len(accepted) == 2 and rejected and rejected[0][1] != 0x00
     assert roles == [(CTImageStorage, False, True)]
     assert (accepted[0][3], accepted[0][4]) == (True, False)  # the archive acts as SCU of CT storage here
