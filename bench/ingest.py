@@ -724,7 +724,7 @@ def text_table(rows: list[list[str]]) -> str:
 
 
 def markdown_table(rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "|".join(["---"] + ["---"] + ["---:"] * 6) + "|"]
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "|".join(["---"] + ["---"] + ["---:"] * (len(HEADER) - 2)) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
 

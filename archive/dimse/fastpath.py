@@ -1108,6 +1108,17 @@ class PacsACSE(pynetdicom_acse.ACSE):
         if outcome is None:
             super()._negotiate_as_acceptor()
             return
+        try:
+            self._replay(outcome)
+        except Exception:  # noqa: BLE001 - the peer holds an accept that cannot be kept
+            log.exception("replaying a known negotiation failed; aborting the association")
+            negotiations = getattr(self.assoc.ae, "pacs_negotiations", None)
+            if negotiations is not None:
+                negotiations.clear()
+            dul._abort_hard()
+
+    def _replay(self, outcome: Outcome) -> None:
+        dul = self.dul
         assoc = self.assoc
         request = self.requestor.primitive
         self.requestor.ae_title = request.calling_ae_title

@@ -189,9 +189,9 @@ class PacsAssociationServer(ThreadedAssociationServer):
     def hand_over(self, assoc: fastpath.PacsAssociation, request: socket.socket, client_address) -> None:
         """Give a prepared association its connection and let its thread serve it."""
         assoc._server = self
-        assoc.name = f"AcceptorThread@{time.strftime('%Y%m%d%H%M%S')}"
+        assoc.name = f"AcceptorThread@{_stamp()}"
         assoc.set_socket(AssociationSocket(assoc, client_socket=request))
-        assoc.requestor.address_info = AddressInformation.from_tuple(client_address)
+        assoc.requestor.address_info = _peer_address(client_address)
         evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": client_address})
         assoc.pacs_go.set()  # type: ignore[union-attr] - set by prepare
 
@@ -316,6 +316,33 @@ class Standby:
                         self._wanted.set()  # handlers changed meanwhile: prepare another
                 else:
                     self._assoc = assoc
+
+
+_stamps: tuple[int, str] = (0, "")
+
+
+def _stamp() -> str:
+    """The current second as pynetdicom names its acceptor threads (``%Y%m%d%H%M%S``),
+    formatted once a second: ``strftime`` takes tens of microseconds between an accept
+    and its A-ASSOCIATE-AC."""
+    global _stamps
+    now = int(time.time())
+    second, text = _stamps
+    if second != now:
+        text = time.strftime("%Y%m%d%H%M%S", time.localtime(now))
+        _stamps = (now, text)
+    return text
+
+
+def _peer_address(client_address: tuple) -> AddressInformation:
+    """The peer's AddressInformation from ``accept``'s numeric address, without the
+    ``getaddrinfo`` that pynetdicom's constructor runs to resolve a host name."""
+    info = AddressInformation.__new__(AddressInformation)
+    info._addr = client_address[0]
+    info.port = client_address[1]
+    info.flowinfo = client_address[2] if len(client_address) == 4 else 0
+    info.scope_id = client_address[3] if len(client_address) == 4 else 0
+    return info
 
 
 def _cancel(assoc: fastpath.PacsAssociation) -> None:

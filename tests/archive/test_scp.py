@@ -626,6 +626,30 @@ def test_a_known_request_replays_the_negotiation_that_answered_it(scp: Scp, monk
     assert (accepted[0][3], accepted[0][4]) == (True, False)  # the archive acts as SCU of CT storage here
 
 
+def test_a_replay_that_fails_aborts_the_association_and_forgets_the_answers(scp: Scp, monkeypatch, caplog) -> None:
+    from archive.dimse import fastpath
+
+    assoc = associate(scp)
+    assoc.release()
+    assert scp.ae.pacs_negotiations._answers
+
+    def broken(self, assoc) -> None:
+        raise RuntimeError("broken")
+
+    monkeypatch.setattr(fastpath.Outcome, "apply", broken)
+    assoc = associate(scp)  # answered early, then the replay fails: the peer gets an abort
+    deadline = time.monotonic() + 5
+    while not assoc.is_aborted and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert assoc.is_aborted
+    assert "replaying a known negotiation failed" in caplog.text
+    assert scp.ae.pacs_negotiations._answers == {}
+    monkeypatch.undo()
+    assoc = associate(scp)  # negotiated again
+    assert assoc.is_established and assoc.send_c_echo().Status == status.SUCCESS
+    assoc.release()
+
+
 def test_a_known_answer_without_its_negotiation_is_checked_and_a_different_one_aborts(scp: Scp, caplog) -> None:
     from archive.dimse import fastpath
 
