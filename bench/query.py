@@ -604,6 +604,7 @@ class Timings:
     ms: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     answers: int | None = None
+    by_round: dict[int, float] = field(default_factory=dict)  # round -> ms, where rounds interleave targets
 
     def median(self) -> float | None:
         return statistics.median(self.ms) if self.ms else None
@@ -715,7 +716,7 @@ def echoscu(ae_title: str, port: int, processes: Processes, log_path: Path) -> t
     return elapsed, 0
 
 
-def record(timings: Timings, query: Query, result: tuple[float, int]) -> None:
+def record(timings: Timings, query: Query, result: tuple[float, int], round_index: int | None = None) -> None:
     """Keep a round trip's time, or an error when its answer count is not the expected one."""
     elapsed, answers = result
     timings.answers = answers
@@ -723,6 +724,30 @@ def record(timings: Timings, query: Query, result: tuple[float, int]) -> None:
         timings.errors.append(f"{answers} answers, expected {query.expected}")
     else:
         timings.ms.append(elapsed)
+        if round_index is not None:
+            timings.by_round[round_index] = elapsed
+
+
+def paired_ratio(timings: Timings, reference: Timings, resamples: int = 2000) -> tuple[float, float, float] | None:
+    """The median, over the rounds both have, of ``timings`` over ``reference`` in the same
+    round, with a 95% bootstrap interval of that median (a fixed seed: the same figures give
+    the same interval). Pairing by round takes out what drifts between rounds (another job
+    on the machine); the interval says whether the difference stands out of the noise."""
+    rounds = sorted(set(timings.by_round) & set(reference.by_round))
+    ratios = [timings.by_round[r] / reference.by_round[r] for r in rounds if reference.by_round[r] > 0]
+    if len(ratios) < 5:
+        return None
+    draw = random.Random(1234)
+    medians = sorted(statistics.median(draw.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    return statistics.median(ratios), medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
+
+
+def paired_text(timings: Timings, reference: Timings) -> str:
+    paired = paired_ratio(timings, reference)
+    if paired is None:
+        return "n/a"
+    median, low, high = paired
+    return f"{median:.2f}x [{low:.2f}-{high:.2f}]"
 
 
 # --------------------------------------------------------------------------- servers
@@ -824,7 +849,7 @@ def run_large(
                         timings.errors.append(str(exc))
                         continue
                     if repeat:
-                        record(timings, q, result)
+                        record(timings, q, result, repeat)
             if repeat == 0:
                 print(f"[{db}] {args.repeats} repetitions of {len(queries)} queries x 2 clients ...", flush=True)
         for q in queries:
@@ -998,7 +1023,7 @@ def run_small(dbs: list[str], args: argparse.Namespace, work: Path, processes: P
                         timings.errors.append(str(exc))
                         continue
                     if repeat:
-                        record(timings, q, result)
+                        record(timings, q, result, repeat)
         for q in queries:
             for label, _ in receivers:
                 t = run.timings[(label, q.name)]
@@ -1069,7 +1094,7 @@ def run_many(dbs: list[str], args: argparse.Namespace, work: Path, processes: Pr
                         timings.errors.append(str(exc))
                         continue
                     if repeat:
-                        record(timings, q, result)
+                        record(timings, q, result, repeat)
         for q in run.queries:
             for label in run.targets:
                 t = run.timings[(label, q.name)]
@@ -1098,7 +1123,7 @@ def db_label(db: str) -> str:
 
 
 LARGE_HEADER = ["database", "query", "answers", "client", "median ms", "p90 ms", "engine ms", "encode ms", "target"]
-SMALL_HEADER = ["archive", "query", "answers", "median ms", "p90 ms", "vs Orthanc"]
+SMALL_HEADER = ["archive", "query", "answers", "median ms", "p90 ms", "vs Orthanc", "paired, 95% interval"]
 
 
 def large_rows(runs: list[LargeRun], queries: list[Query]) -> list[list[str]]:
@@ -1137,12 +1162,14 @@ def large_rows(runs: list[LargeRun], queries: list[Query]) -> list[list[str]]:
 def small_rows(run: SmallRun) -> list[list[str]]:
     rows = []
     for name in (q.name for q in run.queries):
-        reference = run.timings.get(("Orthanc", name), Timings()).median()
+        orthanc = run.timings.get(("Orthanc", name), Timings())
+        reference = orthanc.median()
         for label in run.targets:
             t = run.timings.get((label, name), Timings())
             median = t.median()
             ratio = "n/a" if median is None or not reference else f"{median / reference:.2f}x"
-            rows.append([label, name, str(t.answers if t.answers is not None else ""), fmt(median), fmt(t.p90()), ratio])
+            paired = "" if label == "Orthanc" else paired_text(t, orthanc)
+            rows.append([label, name, str(t.answers if t.answers is not None else ""), fmt(median), fmt(t.p90()), ratio, paired])
     return rows
 
 
@@ -1163,7 +1190,7 @@ def markdown_table(header: list[str], rows: list[list[str]], numeric: set[int]) 
 
 
 LARGE_NUMERIC = {2, 4, 5, 6, 7}
-SMALL_NUMERIC = {2, 3, 4, 5}
+SMALL_NUMERIC = {2, 3, 4, 5, 6}
 
 
 def target_lines(runs: list[LargeRun], small: SmallRun, queries: list[Query]) -> list[str]:
@@ -1190,7 +1217,8 @@ def target_lines(runs: list[LargeRun], small: SmallRun, queries: list[Query]) ->
                 continue  # the baseline, not a target
             name = q.name
             t = small.timings.get((label, name), Timings())
-            reference = small.timings.get(("Orthanc", name), Timings()).median()
+            orthanc = small.timings.get(("Orthanc", name), Timings())
+            reference = orthanc.median()
             median = t.median()
             if median is None or reference is None:
                 lines.append(f"- small archive, {label}, {name}: not measured")
@@ -1198,9 +1226,19 @@ def target_lines(runs: list[LargeRun], small: SmallRun, queries: list[Query]) ->
             verdict = "met" if median <= reference else "NOT met"
             lines.append(
                 f"- small archive, {label}, {name}: {median:.1f} ms vs Orthanc {reference:.1f} ms "
-                f"({median / reference:.2f}x), at least as fast as Orthanc: {verdict}"
+                f"({median / reference:.2f}x), at least as fast as Orthanc: {verdict}{noise_note(t, orthanc)}"
             )
     return lines
+
+
+def noise_note(timings: Timings, reference: Timings) -> str:
+    """Whether the paired ratio's interval leaves 1.0x out, for a target's line."""
+    paired = paired_ratio(timings, reference)
+    if paired is None:
+        return ""
+    median, low, high = paired
+    where = "faster beyond the noise" if high < 1.0 else "slower beyond the noise" if low > 1.0 else "level within the noise"
+    return f" (paired by round: {median:.2f}x, 95% interval {low:.2f}-{high:.2f}x: {where})"
 
 
 def many_target_lines(many: SmallRun) -> list[str]:
@@ -1210,14 +1248,16 @@ def many_target_lines(many: SmallRun) -> list[str]:
         if label == "Orthanc":
             continue
         for q in many.queries:
-            median = many.timings.get((label, q.name), Timings()).median()
-            reference = many.timings.get(("Orthanc", q.name), Timings()).median()
+            t = many.timings.get((label, q.name), Timings())
+            orthanc = many.timings.get(("Orthanc", q.name), Timings())
+            median, reference = t.median(), orthanc.median()
             if median is None or reference is None:
                 lines.append(f"- {MANY_STUDIES} answers, {label}, {q.name}: not measured")
                 continue
             lines.append(
                 f"- {MANY_STUDIES} answers, {label}, {q.name}: {median:.1f} ms vs Orthanc {reference:.1f} ms "
                 f"({median / reference:.2f}x), at least as fast as Orthanc: {'met' if median <= reference else 'NOT met'}"
+                f"{noise_note(t, orthanc)}"
             )
     return lines
 
