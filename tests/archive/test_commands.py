@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -114,6 +115,26 @@ def start_runscp(storage_dir: Path, port: int, *extra: str) -> subprocess.Popen:
     pytest.fail("runscp did not start listening")
 
 
+def wait_for_workers(process: subprocess.Popen, count: int, timeout: float = 30.0) -> str:
+    """Read runscp's output until ``count`` worker processes say they listen (the first to
+    listen answers C-ECHO while the others may still be starting); return what was read."""
+    read: list[str] = []
+    done = threading.Event()
+
+    def reader() -> None:
+        for line in process.stdout:  # type: ignore[union-attr]
+            read.append(line)
+            if sum("listening on" in seen and "(pid" in seen for seen in read) >= count:
+                break
+        done.set()
+
+    threading.Thread(target=reader, daemon=True).start()
+    if not done.wait(timeout):
+        process.kill()
+        pytest.fail(f"fewer than {count} runscp workers listening after {timeout:.0f} s: {''.join(read)}")
+    return "".join(read)
+
+
 def storescu(port: int, files: list[Path]) -> subprocess.Popen:
     return subprocess.Popen(
         [dcmtk("storescu"), "-aec", "PACSPORTAL", "127.0.0.1", str(port), *map(str, files)],
@@ -152,13 +173,14 @@ def test_runscp_with_several_workers_shares_the_port(transactional_db, tmp_path:
     port = free_port()
     scp = start_runscp(storage_dir, port, "--workers", "2")
     try:
+        started = wait_for_workers(scp, 2)  # both take associations from the start
         senders = [storescu(port, files[i::4]) for i in range(4)]
         for sender in senders:
             assert sender.wait(timeout=120) == 0, sender.stdout.read()
     finally:
         scp.send_signal(signal.SIGTERM)
         scp.wait(timeout=40)
-    output = scp.stdout.read()
+    output = started + scp.stdout.read()
     assert scp.returncode == 0, output
     pids = {line.split("(pid ")[1].rstrip(")") for line in output.splitlines() if "listening on" in line and "(pid" in line}
     assert len(pids) == 2, output
