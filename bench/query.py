@@ -728,6 +728,17 @@ def record(timings: Timings, query: Query, result: tuple[float, int], round_inde
             timings.by_round[round_index] = elapsed
 
 
+def measure_once(timings: Timings, query: Query, round_index: int, run_once) -> None:
+    """One client run: its error kept, or (past the warm-up round 0) its time recorded."""
+    try:
+        result = run_once()
+    except BenchError as exc:
+        timings.errors.append(str(exc))
+        return
+    if round_index:
+        record(timings, query, result, round_index)
+
+
 def paired_ratio(timings: Timings, reference: Timings, resamples: int = 2000) -> tuple[float, float, float] | None:
     """The median, over the rounds both have, of ``timings`` over ``reference`` in the same
     round, with a 95% bootstrap interval of that median (a fixed seed: the same figures give
@@ -840,16 +851,10 @@ def run_large(
             for q in queries:
                 for name in ("pynetdicom", "findscu"):
                     timings = run.timings[(q.name, name)]
-                    try:
-                        if name == "pynetdicom":
-                            result = client.find(q)
-                        else:
-                            result = findscu(q, receiver.ae_title, receiver.port, processes, log_path)
-                    except BenchError as exc:
-                        timings.errors.append(str(exc))
-                        continue
-                    if repeat:
-                        record(timings, q, result, repeat)
+                    if name == "pynetdicom":
+                        measure_once(timings, q, repeat, lambda: client.find(q))
+                    else:
+                        measure_once(timings, q, repeat, lambda: findscu(q, receiver.ae_title, receiver.port, processes, log_path))
             if repeat == 0:
                 print(f"[{db}] {args.repeats} repetitions of {len(queries)} queries x 2 clients ...", flush=True)
         for q in queries:
@@ -994,6 +999,15 @@ def start_receivers(
         store(files, pacs, processes)
 
 
+def print_medians(run: SmallRun, width: int) -> None:
+    """Print each (query, target)'s median and p90 as the runs against Orthanc end."""
+    for q in run.queries:
+        for label in run.targets:
+            t = run.timings[(label, q.name)]
+            print(f"    {q.name:<{width}} {label:<24} median {fmt(t.median())} ms, p90 {fmt(t.p90())} ms"
+                  + (f"  ERRORS: {t.errors[0]}" if t.errors else ""), flush=True)
+
+
 def run_small(dbs: list[str], args: argparse.Namespace, work: Path, processes: Processes, pg: PostgresAdmin | None) -> SmallRun:
     """Store the small archive into Orthanc and pacsportal; time STUDY-level findscu against each."""
     run = SmallRun()
@@ -1014,21 +1028,11 @@ def run_small(dbs: list[str], args: argparse.Namespace, work: Path, processes: P
                 for label, receiver in receivers:
                     timings = run.timings[(label, q.name)]
                     log_path = receiver.run_dir / "scu.log"
-                    try:
-                        if q.level == ECHO:
-                            result = echoscu(receiver.ae_title, receiver.port, processes, log_path)
-                        else:
-                            result = findscu(q, receiver.ae_title, receiver.port, processes, log_path)
-                    except BenchError as exc:
-                        timings.errors.append(str(exc))
-                        continue
-                    if repeat:
-                        record(timings, q, result, repeat)
-        for q in queries:
-            for label, _ in receivers:
-                t = run.timings[(label, q.name)]
-                print(f"    {q.name:<34} {label:<24} median {fmt(t.median())} ms, p90 {fmt(t.p90())} ms"
-                      + (f"  ERRORS: {t.errors[0]}" if t.errors else ""), flush=True)
+                    if q.level == ECHO:
+                        measure_once(timings, q, repeat, lambda: echoscu(receiver.ae_title, receiver.port, processes, log_path))
+                    else:
+                        measure_once(timings, q, repeat, lambda: findscu(q, receiver.ae_title, receiver.port, processes, log_path))
+        print_medians(run, 34)
     except (BenchError, OSError, subprocess.SubprocessError, psycopg.Error) as exc:
         run.errors.append(str(exc))
         print(f"[small] ERROR\n{textwrap.indent(str(exc), '    ')}", flush=True)
@@ -1085,21 +1089,12 @@ def run_many(dbs: list[str], args: argparse.Namespace, work: Path, processes: Pr
             for (label, receiver), client in zip(receivers, clients):
                 for q in run.queries:
                     timings = run.timings[(label, q.name)]
-                    try:
-                        if q.name.startswith("pynetdicom"):
-                            result = client.find(q)
-                        else:
-                            result = findscu(q, receiver.ae_title, receiver.port, processes, receiver.run_dir / "scu.log")
-                    except BenchError as exc:
-                        timings.errors.append(str(exc))
-                        continue
-                    if repeat:
-                        record(timings, q, result, repeat)
-        for q in run.queries:
-            for label in run.targets:
-                t = run.timings[(label, q.name)]
-                print(f"    {q.name:<40} {label:<24} median {fmt(t.median())} ms, p90 {fmt(t.p90())} ms"
-                      + (f"  ERRORS: {t.errors[0]}" if t.errors else ""), flush=True)
+                    if q.name.startswith("pynetdicom"):
+                        measure_once(timings, q, repeat, lambda: client.find(q))
+                    else:
+                        log_path = receiver.run_dir / "scu.log"
+                        measure_once(timings, q, repeat, lambda: findscu(q, receiver.ae_title, receiver.port, processes, log_path))
+        print_medians(run, 40)
     except (BenchError, OSError, subprocess.SubprocessError, psycopg.Error) as exc:
         run.errors.append(str(exc))
         print(f"[many] ERROR\n{textwrap.indent(str(exc), '    ')}", flush=True)
