@@ -70,12 +70,24 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# (directory, storage root) -> whether a file in the directory can be renamed into the
+# root: the SCP asks for every instance it receives, always about its receive directory.
+_same_filesystem: dict[tuple[str, str], bool] = {}
+
+
 def same_filesystem(path: Path) -> bool:
     """Return True when ``path`` can be renamed into the storage root."""
+    key = (os.path.dirname(path), str(settings.PACS_STORAGE_DIR))
+    known = _same_filesystem.get(key)
+    if known is not None:
+        return known
     try:
-        return os.stat(path).st_dev == os.stat(root()).st_dev
+        same = os.stat(key[0] or ".").st_dev == os.stat(key[1]).st_dev
     except OSError:
-        return False
+        return False  # not remembered: the directory or the root may appear later
+    if len(_same_filesystem) < 64:
+        _same_filesystem[key] = same
+    return same
 
 
 def copy_to_temp(source: BinaryIO) -> Path:
@@ -125,10 +137,10 @@ _SYNC_FILE_RANGE_WRITE = 2  # start writing the range's dirty pages, do not wait
 
 
 def start_writeback(fd: int, offset: int, length: int) -> None:
-    """Start writing a part of a file being received to disk without waiting for it
-    (``sync_file_range``, Linux), so that the flush when it is put in place finds the
-    data written or on its way instead of starting all of it then. Only a hint: the
-    flush (``flush_file``) is what makes the data durable."""
+    """Start writing a received file (or a part of it) to disk without waiting for it
+    (``sync_file_range``, Linux), so that the flush when it is put in place, after its
+    header is read and indexed, finds the data written or on its way instead of starting
+    all of it then. Only a hint: the flush (``flush_file``) is what makes the data durable."""
     if _sync_file_range is not None and length > 0:
         _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 

@@ -251,30 +251,36 @@ def test_it_checks_the_called_ae_title(scp: Scp) -> None:
     assert "Called AE Title Not Recognized" in result.stdout + result.stderr
 
 
-def test_a_received_file_starts_going_to_disk_as_it_arrives(scp: Scp, storage_dir: Path, tmp_path: Path, monkeypatch) -> None:
-    """Each fragment written to the receive file is handed to the disk at once
-    (``storage.start_writeback``), the ranges one after the other up to the file's end;
-    the flush when the file is put in place still makes it durable."""
+def test_a_received_file_goes_to_disk_once_it_is_all_in(scp: Scp, storage_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """The receive file is handed to the disk (``storage.start_writeback``) once, whole,
+    when its last fragment is written, and before it is read and indexed; the flush when
+    the file is put in place still makes it durable."""
     ranges: list[tuple[int, int]] = []
     sizes: list[int] = []
+    indexed_after: list[int] = []
 
     def writeback(fd: int, offset: int, length: int) -> None:
         ranges.append((offset, length))
         sizes.append(os.fstat(fd).st_size)
         storage.start_writeback(fd, offset, length)
 
+    real_index = ingest._index_row
+
+    def index_row(row):
+        indexed_after.append(len(ranges))
+        return real_index(row)
+
     assert scp.ae.pacs_writeback is storage.start_writeback  # PACS_SYNC_STORAGE is on
     monkeypatch.setattr(scp.ae, "pacs_writeback", writeback)
+    monkeypatch.setattr(ingest, "_index_row", index_row)
     # 512 KB of pixels, which storescu sends in PDUs of at most 128 KB: several fragments
     sent = write_part10(make_dataset(rows=512, columns=512), tmp_path / "ct.dcm")
     result = run_dcmtk("storescu", "-aec", "PACSPORTAL", "127.0.0.1", str(scp.port), str(sent))
     assert result.returncode == 0, result.stderr
     stored = storage.absolute(Instance.objects.get().file_path)
-    assert len(ranges) > 1
-    for (offset, length), (next_offset, _) in zip(ranges, ranges[1:]):
-        assert next_offset == offset + length
-    offset, length = ranges[-1]
-    assert offset + length == stored.stat().st_size == sizes[-1]
+    assert ranges == [(0, stored.stat().st_size)]
+    assert sizes == [stored.stat().st_size]
+    assert indexed_after == [1]
     assert_consistent(storage_dir)
 
 
