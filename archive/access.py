@@ -28,6 +28,7 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db.models import Exists, OuterRef, Q, QuerySet
 
+from archive.compiled import unrestricted
 from archive.dicom import fnmatch_dicom
 from archive.models import AccessLabel, Instance, LabelRule, Patient, RemoteNode, Series, Study
 
@@ -86,7 +87,7 @@ def studies_for(user: User, action: str = "view") -> QuerySet[Study]:
     if not may(user, action):
         return Study.objects.none()
     if has(user, "archive.view_all_studies"):
-        return Study.objects.all()
+        return unrestricted(Study.objects.all())
     return Study.objects.filter(_scope(user))
 
 
@@ -108,7 +109,7 @@ def series_for(user: User, action: str = "view") -> QuerySet[Series]:
     if not may(user, action):
         return Series.objects.none()
     if has(user, "archive.view_all_studies"):
-        return Series.objects.all()
+        return unrestricted(Series.objects.all())
     return Series.objects.filter(study__in=studies_for(user, action))
 
 
@@ -117,7 +118,7 @@ def instances_for(user: User, action: str = "images") -> QuerySet[Instance]:
     if not may(user, action):
         return Instance.objects.none()
     if has(user, "archive.view_all_studies"):
-        return Instance.objects.all()
+        return unrestricted(Instance.objects.all())
     return Instance.objects.filter(series__study__in=studies_for(user, action))
 
 
@@ -126,7 +127,7 @@ def patients_for(user: User) -> QuerySet[Patient]:
     if not may(user, "view"):
         return Patient.objects.none()
     if has(user, "archive.view_all_studies"):
-        return Patient.objects.all()
+        return unrestricted(Patient.objects.all())
     return Patient.objects.filter(Exists(studies_for(user).filter(patient=OuterRef("pk"))))
 
 
@@ -158,7 +159,7 @@ class NodeAccess:
     def scope(self, model: type) -> QuerySet:
         """Rows of ``model`` (Patient, Study, Series or Instance) within the node's studies."""
         if not self.label_ids:
-            return model.objects.all()
+            return unrestricted(model.objects.all())
         studies = self.studies()
         if model is Study:
             return studies

@@ -28,6 +28,7 @@ from django.db.models import Count, Exists, OuterRef, Q, QuerySet, Subquery, Sum
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 
+from archive import compiled
 from archive.dicom import is_valid_uid, normalize_name, parse_da, parse_tm
 from archive.models import Instance, Patient, Series, Study
 
@@ -193,12 +194,19 @@ def find(
     when the level or a key cannot be used.
     """
     plan = plan_query(level, identifier)
-    rows = plan.queryset(queryset)
-    if order_by:
-        rows = rows.order_by(*order_by)
-    if limit is not None:
-        rows = rows[:limit]
-    rows = list(rows.values(*plan.columns()))
+    columns = plan.columns()
+    if queryset is None:
+        queryset = compiled.unrestricted(MODELS[plan.level].objects.all())
+
+    def build(filters: Q) -> QuerySet:
+        selected = plan.queryset(queryset, filters)
+        if order_by:
+            selected = selected.order_by(*order_by)
+        if limit is not None:
+            selected = selected[:limit]
+        return selected.values(*columns)
+
+    rows = compiled.fetch(("find", plan.level, tuple(columns), tuple(order_by), limit), plan.filters, queryset, build)
     sop_classes = plan.sop_classes_for([row["pk"] for row in rows]) if plan.wants_sop_classes else {}
     for row in rows:
         yield plan.answer(row, sop_classes)
@@ -247,10 +255,11 @@ class QueryPlan:
     def wants_sop_classes(self) -> bool:
         return any(a.keyword == "SOPClassesInStudy" for a in self.returned)
 
-    def queryset(self, base: QuerySet | None) -> QuerySet:
+    def queryset(self, base: QuerySet | None, filters: Q | None = None) -> QuerySet:
+        """The rows matching the plan's conditions (or ``filters`` in their place)."""
         model = MODELS[self.level]
         rows = base if base is not None else model.objects.all()
-        rows = rows.filter(self.filters)
+        rows = rows.filter(self.filters if filters is None else filters)
         wanted = {a.keyword for a in self.returned}
         if wanted & {"NumberOfPatientRelatedStudies", "NumberOfPatientRelatedSeries", "NumberOfPatientRelatedInstances"}:
             patient = OuterRef(_PREFIX[(self.level, "PATIENT")] + "pk")
