@@ -105,7 +105,7 @@ def _leaves(q: Q, values: list[Any]) -> tuple | None:
         if isinstance(value, (list, tuple)):
             if not value or not all(type(v) in _PLAIN for v in value):
                 return None
-            children.append((lookup, type(value[0]).__name__, len(value)))
+            children.append((lookup, tuple(type(v).__name__ for v in value)))
         elif type(value) in _PLAIN:
             children.append((lookup, type(value).__name__))
         else:
@@ -245,8 +245,11 @@ def _run(template: _Template, values: list[Any], alias: str) -> list[dict[str, A
         if slot.lookup is None:
             params.extend(slot.params)
             continue
-        lookup = type(slot.lookup)(slot.lookup.lhs, values[slot.leaf])  # type: ignore[index]
-        sql, leaf_params = compiler.compile(lookup)
+        try:
+            lookup = type(slot.lookup)(slot.lookup.lhs, values[slot.leaf])  # type: ignore[index]
+            sql, leaf_params = compiler.compile(lookup)
+        except Exception:  # noqa: BLE001 - a value Django refuses or compiles otherwise: its way says so
+            return None
         if sql != slot.sql:
             return None
         params.extend(leaf_params)

@@ -93,3 +93,20 @@ def test_the_mark_does_not_survive_a_filter(db) -> None:
     assert not compiled.is_unrestricted(everything.all())
     for model in (Patient, Study, Series, Instance):
         assert compiled.is_unrestricted(NodeAccess("ANY", True, True, True, True).scope(model))
+
+
+def test_a_value_django_compiles_otherwise_goes_through_django(corpus) -> None:
+    """An instance number beyond the column's range: Django answers "nothing" without a
+    query (its overflow check); the shape's SQL is not used for it."""
+    from django.db.models import Q
+
+    def build(filters: Q):
+        return Instance.objects.filter(filters).order_by("pk").values("instance_number")
+
+    base = compiled.unrestricted(Instance.objects.all())
+    key = ("test", "instance_number")
+    assert compiled.fetch(key, Q(instance_number=7), base, build) == [{"instance_number": 7}]
+    assert compiled.fetch(key, Q(instance_number=2), base, build) == [{"instance_number": 2}] * 3
+    fallbacks = compiled.stats.fallbacks
+    assert compiled.fetch(key, Q(instance_number=10**30), base, build) == []
+    assert compiled.stats.fallbacks == fallbacks + 1
