@@ -250,6 +250,7 @@ class QueryPlan:
         self.filters = Q()
         self.returned: list[Attribute] = []
         self.extra_keys: list[str] = []
+        self._columns = None  # set by _answer_columns, once the plan is complete
 
     @property
     def wants_sop_classes(self) -> bool:
@@ -322,23 +323,38 @@ class QueryPlan:
         return {pk: sorted(values) for pk, values in found.items()}
 
     def answer(self, row: dict[str, Any], sop_classes: dict[int, list[str]]) -> dict[str, Any]:
+        unique, returned = self._answer_columns()
         answer: dict[str, Any] = {"QueryRetrieveLevel": self.level}
-        for upper in LEVELS[: level_index(self.level) + 1]:
-            if self.level != "PATIENT" and upper == "PATIENT":
+        for keyword, column in unique:
+            answer[keyword] = row[column] or ""
+        for keyword, column, convert in returned:
+            if column is None:  # SOPClassesInStudy
+                answer[keyword] = sop_classes.get(row["pk"], [])
                 continue
-            keyword = UNIQUE_KEYS[upper]
-            answer[keyword] = row[self.column(ATTRIBUTES[keyword])] or ""
-        for attribute in self.returned:
-            if attribute.keyword == "SOPClassesInStudy":
-                answer[attribute.keyword] = sop_classes.get(row["pk"], [])
-                continue
-            answer[attribute.keyword] = _dicom_value(attribute, row.get(self.column(attribute)))
+            value = row.get(column)
+            answer[keyword] = "" if value is None else convert(value)
         header = row.get("header") or {}
         for keyword in self.extra_keys:
             answer[keyword] = _header_value(header, keyword)
         if any(_non_ascii(v) for v in answer.values()):
             answer["SpecificCharacterSet"] = "ISO_IR 192"
         return answer
+
+    def _answer_columns(self) -> tuple[list[tuple[str, str]], list[tuple[str, str | None, Any]]]:
+        """(unique key, column) of this level and those above, and (keyword, column, value
+        conversion) of the returned keys: worked out once per plan, not once per answer."""
+        if self._columns is None:
+            unique = [
+                (UNIQUE_KEYS[upper], self.column(ATTRIBUTES[UNIQUE_KEYS[upper]]))
+                for upper in LEVELS[: level_index(self.level) + 1]
+                if self.level == "PATIENT" or upper != "PATIENT"
+            ]
+            returned = [
+                (a.keyword, None if a.keyword == "SOPClassesInStudy" else self.column(a), _conversion(a))
+                for a in self.returned
+            ]
+            self._columns = (unique, returned)  # type: ignore[assignment]
+        return self._columns  # type: ignore[return-value]
 
 
 # ----------------------------------------------------------------- matching, PS3.4 C.2.2.2
@@ -571,17 +587,26 @@ def _as_text(keyword: str, value: Any) -> str:
     return value.strip()
 
 
-def _dicom_value(attribute: Attribute, value: Any) -> Any:
-    if value is None:
-        return ""
+def _dicom_value(value: Any) -> Any:
+    """A column's value (not None) in DICOM's string form: DA as YYYYMMDD, TM as
+    HHMMSS.FFFFFF; other values as they are."""
+    if type(value) is str:
+        return value
     if isinstance(value, dt.date):
         return value.strftime("%Y%m%d")
     if isinstance(value, dt.time):
         text = value.strftime("%H%M%S")
         return text + (f".{value.microsecond:06d}" if value.microsecond else "")
-    if attribute.keyword == "ModalitiesInStudy":
-        return [m for m in value.split("\\") if m]
     return value
+
+
+def _modalities(value: Any) -> Any:
+    return [m for m in value.split("\\") if m]
+
+
+def _conversion(attribute: Attribute) -> Any:
+    """How a column's value (not None) becomes the attribute's DICOM value."""
+    return _modalities if attribute.keyword == "ModalitiesInStudy" else _dicom_value
 
 
 def _header_value(header: dict, keyword: str) -> Any:
