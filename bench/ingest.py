@@ -49,6 +49,9 @@ from psycopg import sql
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stats import interval_text, median_interval, noise_words  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "bench" / "results"
 HOST = "127.0.0.1"
@@ -161,12 +164,16 @@ class Result:
         return min(self.seconds) if self.seconds else None
 
 
-def median_round_ratio(result: Result, reference: Result | None) -> float | None:
-    """The median, over the rounds both ran in, of this row's rate over the reference's
-    rate in the same round: on a noisy machine a fairer comparison than the best runs."""
+def round_ratios(result: Result, reference: Result | None) -> list[float]:
+    """This row's rate over the reference's rate in the same round, for every round both
+    ran in: on a noisy machine a fairer comparison than the best runs."""
     if reference is None:
-        return None
-    ratios = [reference.by_round[r] / s for r, s in result.by_round.items() if r in reference.by_round]
+        return []
+    return [reference.by_round[r] / s for r, s in result.by_round.items() if r in reference.by_round]
+
+
+def median_round_ratio(result: Result, reference: Result | None) -> float | None:
+    ratios = round_ratios(result, reference)
     return statistics.median(ratios) if ratios else None
 
 
@@ -687,9 +694,11 @@ def table_rows(results: list[Result], series: Series) -> list[list[str]]:
         instances = rate(result)
         naive = rate(references.get(("naive", config.associations)))
         orthanc = rate(references.get(("orthanc", config.associations)))
-        rounds = median_round_ratio(result, references.get(("orthanc", config.associations)))
+        orthanc_result = references.get(("orthanc", config.associations))
+        rounds = median_round_ratio(result, orthanc_result)
+        paired = median_interval(round_ratios(result, orthanc_result)) if config.kind == "pacs" else None
         if result.best is None:
-            rows.append([config.receiver, config.database, str(config.associations), "FAILED", "", "", "", "", ""])
+            rows.append([config.receiver, config.database, str(config.associations), "FAILED", "", "", "", "", "", ""])
             continue
         rows.append(
             [
@@ -701,6 +710,7 @@ def table_rows(results: list[Result], series: Series) -> list[list[str]]:
                 ratio(instances, naive),
                 ratio(instances, orthanc),
                 f"{rounds:.2f}x" if rounds is not None else "n/a",
+                interval_text(paired) if config.kind == "pacs" else "",
                 f"{result.best:.2f}",
             ]
         )
@@ -709,13 +719,13 @@ def table_rows(results: list[Result], series: Series) -> list[list[str]]:
 
 HEADER = [
     "receiver", "database", "associations", "instances/s", "MB/s", "vs naive", "vs Orthanc", "vs Orthanc, median of rounds",
-    "best s",
+    "95% interval", "best s",
 ]
 
 
 def text_table(rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in [HEADER, *rows]) for i in range(len(HEADER))]
-    numeric = {2, 3, 4, 5, 6, 7}
+    numeric = {2, 3, 4, 5, 6, 7, 8}
 
     def line(cells: list[str]) -> str:
         return "  ".join(c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
@@ -745,8 +755,16 @@ def target_lines(results: list[Result], series: Series) -> list[str]:
     for config in best:
         if config.kind != "pacs":
             continue
-        rounds = median_round_ratio(by_config[config], by_config.get(Config("orthanc", config.associations)))
-        of_rounds = f"; median of rounds {rounds:.2f}x" if rounds is not None else ""
+        ratios = round_ratios(by_config[config], by_config.get(Config("orthanc", config.associations)))
+        paired = median_interval(ratios)
+        if paired is not None:
+            median, low, high = paired
+            where = noise_words(paired, higher_is_better=True)
+            of_rounds = f"; median of rounds {median:.2f}x, 95% interval {low:.2f}-{high:.2f}x: {where}"
+        elif ratios:
+            of_rounds = f"; median of rounds {statistics.median(ratios):.2f}x"
+        else:
+            of_rounds = ""
         value = rate(config)
         naive = rate(Config("naive", config.associations))
         orthanc = rate(Config("orthanc", config.associations))
@@ -815,7 +833,7 @@ def write_markdown(
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one run per measurement instead of two (--rounds 1)")
-    parser.add_argument("--rounds", type=int, default=2, help="runs of every row, interleaved round by round (default: 2)")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of every row, interleaved round by round (default: 2; 5 or more also give a 95%% interval of the ratio to Orthanc)")
     parser.add_argument(
         "--associations", choices=["1", str(PARALLEL), "both"], default="both", help=f"only the rows with 1 or {PARALLEL} associations"
     )

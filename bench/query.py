@@ -69,6 +69,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ingest  # noqa: E402 - the ingest benchmark's process, receiver and PostgreSQL helpers
 from ingest import HOST, ORTHANC_BINARY, BenchError, Config, PacsReceiver, Processes, Terminated  # noqa: E402
+from stats import interval_text, median_interval, noise_words  # noqa: E402
 
 ROOT = ingest.ROOT
 RESULTS_DIR = ingest.RESULTS_DIR
@@ -739,26 +740,15 @@ def measure_once(timings: Timings, query: Query, round_index: int, run_once) -> 
         record(timings, query, result, round_index)
 
 
-def paired_ratio(timings: Timings, reference: Timings, resamples: int = 2000) -> tuple[float, float, float] | None:
+def paired_ratio(timings: Timings, reference: Timings) -> tuple[float, float, float] | None:
     """The median, over the rounds both have, of ``timings`` over ``reference`` in the same
-    round, with a 95% bootstrap interval of that median (a fixed seed: the same figures give
-    the same interval). Pairing by round takes out what drifts between rounds (another job
-    on the machine); the interval says whether the difference stands out of the noise."""
+    round, with a 95% bootstrap interval of that median (``stats.median_interval``)."""
     rounds = sorted(set(timings.by_round) & set(reference.by_round))
-    ratios = [timings.by_round[r] / reference.by_round[r] for r in rounds if reference.by_round[r] > 0]
-    if len(ratios) < 5:
-        return None
-    draw = random.Random(1234)
-    medians = sorted(statistics.median(draw.choices(ratios, k=len(ratios))) for _ in range(resamples))
-    return statistics.median(ratios), medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
+    return median_interval([timings.by_round[r] / reference.by_round[r] for r in rounds if reference.by_round[r] > 0])
 
 
 def paired_text(timings: Timings, reference: Timings) -> str:
-    paired = paired_ratio(timings, reference)
-    if paired is None:
-        return "n/a"
-    median, low, high = paired
-    return f"{median:.2f}x [{low:.2f}-{high:.2f}]"
+    return interval_text(paired_ratio(timings, reference))
 
 
 # --------------------------------------------------------------------------- servers
@@ -1232,7 +1222,7 @@ def noise_note(timings: Timings, reference: Timings) -> str:
     if paired is None:
         return ""
     median, low, high = paired
-    where = "faster beyond the noise" if high < 1.0 else "slower beyond the noise" if low > 1.0 else "level within the noise"
+    where = noise_words(paired, higher_is_better=False)
     return f" (paired by round: {median:.2f}x, 95% interval {low:.2f}-{high:.2f}x: {where})"
 
 
