@@ -78,6 +78,15 @@ def test_it_signs_in_and_out(db) -> None:
     assert client.get("/").status_code == 302
 
 
+def test_every_page_names_its_icon(db) -> None:
+    """Browsers ask for an icon; the pages name one that is there (else /favicon.ico, a 404)."""
+    from django.contrib.staticfiles import finders
+
+    page = Client().get("/accounts/login/").content.decode()
+    assert 'rel="icon"' in page and "viewer/favicon" in page
+    assert finders.find("viewer/favicon.svg")
+
+
 def test_it_changes_the_password(db) -> None:
     user = make_user("alice", "Radiologist", password="a long passphrase 1")
     client = Client()
