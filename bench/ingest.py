@@ -809,7 +809,8 @@ def write_markdown(
         f"{series.total_bytes / MB:.1f} MB; MB = 10^6 bytes",
         f"- sender: DCMTK storescu with TCP_NODELAY=1, 1 association or {PARALLEL} parallel associations",
         f"- best of {args.repeats} run(s) per row, each run on a fresh empty store, interleaved round by round; "
-        "'median of rounds': the median, over the rounds, of the row's rate over Orthanc's in the same round",
+        "'median of rounds': the median, over the rounds, of the row's rate over Orthanc's in the same round; "
+        "'95% interval': a bootstrap interval of that median (with 5 rounds or more)",
         f"- machine: {os.cpu_count()} CPUs, {platform.platform()}; "
         f"load average at the start {args.load_start}, at the end {load_average()}",
         f"- Python {platform.python_version()}, pydicom {pydicom.__version__}, pynetdicom {pynetdicom.__version__}, "
