@@ -26,6 +26,7 @@ and keeping it out of the cache keeps one caller's SQL from ever serving another
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -179,7 +180,7 @@ def fetch(
 def _learn(filters: Q, values: list[Any], build: Callable[[Q], QuerySet]) -> _Template | None:
     """The template of a shape, from a copy of the query with sentinel values; None when
     the query's parameters are not exactly its lookups' (then it is never kept)."""
-    count = iter(range(1_000_000))
+    count = itertools.count()
     sentinels = [
         [_sentinel(next(count), v) for v in value] if isinstance(value, (list, tuple)) else _sentinel(next(count), value)
         for value in values
