@@ -332,17 +332,25 @@ class QueryPlan:
                 answer[keyword] = sop_classes.get(row["pk"], [])
                 continue
             value = row.get(column)
-            answer[keyword] = "" if value is None else convert(value)
+            answer[keyword] = "" if value is None else value if convert is None else convert(value)
         header = row.get("header") or {}
         for keyword in self.extra_keys:
             answer[keyword] = _header_value(header, keyword)
-        if any(_non_ascii(v) for v in answer.values()):
-            answer["SpecificCharacterSet"] = "ISO_IR 192"
+        for value in answer.values():
+            if type(value) is str:
+                if not value.isascii():
+                    break
+            elif _non_ascii(value):
+                break
+        else:
+            return answer
+        answer["SpecificCharacterSet"] = "ISO_IR 192"
         return answer
 
     def _answer_columns(self) -> tuple[list[tuple[str, str]], list[tuple[str, str | None, Any]]]:
         """(unique key, column) of this level and those above, and (keyword, column, value
-        conversion) of the returned keys: worked out once per plan, not once per answer."""
+        conversion or None) of the returned keys: worked out once per plan, not once per
+        answer."""
         if self._columns is None:
             unique = [
                 (UNIQUE_KEYS[upper], self.column(ATTRIBUTES[UNIQUE_KEYS[upper]]))
@@ -593,20 +601,56 @@ def _dicom_value(value: Any) -> Any:
     if type(value) is str:
         return value
     if isinstance(value, dt.date):
-        return value.strftime("%Y%m%d")
+        return _da_text(value)
     if isinstance(value, dt.time):
-        text = value.strftime("%H%M%S")
-        return text + (f".{value.microsecond:06d}" if value.microsecond else "")
+        return _tm_text(value)
     return value
+
+
+def _da_text(value: Any) -> Any:
+    if type(value) is dt.date:
+        return f"{value.year:04d}{value.month:02d}{value.day:02d}"
+    return _dicom_value(value)
+
+
+def _tm_text(value: Any) -> Any:
+    if type(value) is dt.time:
+        text = f"{value.hour:02d}{value.minute:02d}{value.second:02d}"
+        return f"{text}.{value.microsecond:06d}" if value.microsecond else text
+    return _dicom_value(value)
 
 
 def _modalities(value: Any) -> Any:
     return [m for m in value.split("\\") if m]
 
 
+# How a column's value (not None) becomes the attribute's DICOM value, by VR; None: as it is.
+_CONVERSIONS = {"DA": _da_text, "TM": _tm_text, "DT": _dicom_value}
+
+
 def _conversion(attribute: Attribute) -> Any:
-    """How a column's value (not None) becomes the attribute's DICOM value."""
-    return _modalities if attribute.keyword == "ModalitiesInStudy" else _dicom_value
+    """How a column's value (not None) becomes the attribute's DICOM value (None: as it is,
+    for the text and number columns)."""
+    if attribute.keyword == "ModalitiesInStudy":
+        return _modalities
+    if attribute.vr in _CONVERSIONS:
+        return _CONVERSIONS[attribute.vr]
+    field = _field_of(attribute)
+    return None if field is not None and field.get_internal_type() in _AS_IS_FIELDS else _dicom_value
+
+
+# Model fields whose values are already their attribute's DICOM value.
+_AS_IS_FIELDS = frozenset({"CharField", "TextField", "IntegerField", "PositiveIntegerField", "BigIntegerField",
+                           "SmallIntegerField", "PositiveSmallIntegerField"})
+
+
+def _field_of(attribute: Attribute) -> Any:
+    if attribute.field is None:
+        return None
+    try:
+        return MODELS[attribute.level]._meta.get_field(attribute.field)
+    except Exception:  # noqa: BLE001 - a field on another model (a relation): converted
+        return None
 
 
 def _header_value(header: dict, keyword: str) -> Any:
@@ -646,5 +690,5 @@ def _non_ascii(value: Any) -> bool:
     if isinstance(value, str):
         return not value.isascii()
     if isinstance(value, list):
-        return any(_non_ascii(v) for v in value)
+        return any(not v.isascii() if type(v) is str else _non_ascii(v) for v in value)
     return False

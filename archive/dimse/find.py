@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from django.conf import settings
@@ -149,11 +149,15 @@ def _text(value: Any) -> Any:
 
 
 def answers(
-    assoc, sop_class_uid: str, identifier: Dataset | tuple[str, dict[str, Any]], is_cancelled
+    assoc,
+    sop_class_uid: str,
+    identifier: Dataset | tuple[str, dict[str, Any]],
+    is_cancelled: Callable[[], bool] | None,
 ) -> Iterator[tuple[int | Dataset, dict | None]]:
     """Yield (status, answer) for a C-FIND request: (PENDING, answer dict) per match, then
-    (CANCEL, None) if cancelled; a refusal is one (failure Dataset, None) with its comment.
-    ``identifier`` is the request's, or its (level, keys) already read."""
+    (CANCEL, None) if ``is_cancelled`` says so before an answer (None: the caller checks);
+    a refusal is one (failure Dataset, None) with its comment. ``identifier`` is the
+    request's, or its (level, keys) already read."""
     calling = str(assoc.requestor.ae_title).strip()
     node = node_access_for(assoc)
     if not node.may_query:
@@ -175,7 +179,7 @@ def answers(
         found = found[:limit]
     audit_dimse(assoc, "query", keys=keys, details={"level": level, "answers": len(found)})
     for answer in found:
-        if is_cancelled():
+        if is_cancelled is not None and is_cancelled():
             yield status.CANCEL, None
             return
         answer["RetrieveAETitle"] = settings.PACS_AE_TITLE
@@ -219,41 +223,81 @@ def _element(keyword: str) -> tuple[int, str] | None:
 def encode_answer(answer: dict[str, Any], *, explicit_vr: bool) -> bytes | None:
     """Encode an answer of ``answers`` as a Little Endian identifier, the bytes pydicom
     would write for ``query.answer_dataset(answer)``; None when it holds a value this
-    encoder leaves to pydicom (floats, sequences, VRs it does not know)."""
+    encoder leaves to pydicom (floats, sequences, VRs it does not know).
+
+    The answers of one query have the same keys in the same order, so the elements' order
+    and headers are worked out once per set of keys (``_layout``), not once per answer."""
     charset = answer.get("SpecificCharacterSet")
     if charset not in (None, "", "ISO_IR 192"):
         return None
+    layout = _layout(tuple(answer), explicit_vr)
+    if layout is None:
+        return None
     encoding = "utf-8" if charset else "ascii"
-    elements: list[tuple[int, str, bytes]] = []
+    parts: list[bytes] = []
     try:
-        for keyword, value in answer.items():
-            known = _element(keyword)
-            if known is None:
-                return None
-            tag, vr = known
-            if type(value) is str and vr not in _BINARY:
-                text = value  # most values: one string
+        for keyword, vr, prefix, long_length, text_encoding in layout:
+            value = answer[keyword]
+            kind = type(value)
+            if text_encoding is not None and (kind is str or kind is int and vr == "IS"):
+                # Most values: one string, or a number of instances, series or studies.
+                data = (value if kind is str else str(value)).encode(text_encoding or encoding)
+                if len(data) & 1:
+                    data += b"\x00" if vr == "UI" else b" "
             else:
-                values = value if isinstance(value, list) else [value]
-                if vr in _BINARY:
-                    if any(type(v) is not int for v in values if v != ""):
-                        return None
-                    elements.append((tag, vr, b"".join(struct.pack(_BINARY[vr], v) for v in values if v != "")))
-                    continue
-                if not all(isinstance(v, str) or (type(v) is int and vr == "IS") for v in values):
+                data = _value_bytes(vr, value, encoding)
+                if data is None:
                     return None
-                text = "\\".join(str(v) for v in values)
-            data = text.encode(encoding if vr in _CHARSET_VRS else "ascii")
-            if len(data) % 2:
-                data += b"\x00" if vr == "UI" else b" "
-            elements.append((tag, vr, data))
+            if long_length:
+                parts += (prefix, _UL.pack(len(data)), data)
+            elif len(data) > 0xFFFF:
+                return None
+            else:
+                parts += (prefix, _US.pack(len(data)), data)
     except (UnicodeEncodeError, struct.error, TypeError, ValueError):
         return None
-    elements.sort()
-    try:
-        return wire.encode_elements(elements, explicit_vr=explicit_vr)
-    except wire.WireError:
+    return b"".join(parts)
+
+
+_US = struct.Struct("<H")
+_UL = struct.Struct("<L")
+# (keys, explicit VR) -> [(keyword, VR, header before the length, 4-byte length, the text's
+# encoding: "" for the answer's character set, None for a binary VR)] in tag order, or None.
+_layouts: dict[tuple[tuple[str, ...], bool], list[tuple[str, str, bytes, bool, str | None]] | None] = {}
+
+
+def _layout(keys: tuple[str, ...], explicit_vr: bool) -> list[tuple[str, str, bytes, bool, str | None]] | None:
+    layout = _layouts.get((keys, explicit_vr), ...)
+    if layout is ...:
+        elements = [(_element(keyword), keyword) for keyword in keys]
+        if any(known is None for known, _ in elements):
+            layout = None
+        else:
+            layout = []
+            for (tag, vr), keyword in sorted(elements):  # type: ignore[misc]
+                prefix, long_length = wire.element_head(tag, vr, explicit_vr)
+                encoding = None if vr in _BINARY else ("" if vr in _CHARSET_VRS else "ascii")
+                layout.append((keyword, vr, prefix, long_length, encoding))
+        if len(_layouts) > 1024:
+            _layouts.clear()
+        _layouts[(keys, explicit_vr)] = layout
+    return layout
+
+
+def _value_bytes(vr: str, value: Any, encoding: str) -> bytes | None:
+    """A value that is not one string (a list, a number, a binary VR's value), padded; None
+    when this encoder leaves it to pydicom."""
+    values = value if isinstance(value, list) else [value]
+    if vr in _BINARY:
+        if any(type(v) is not int for v in values if v != ""):
+            return None
+        return b"".join(struct.pack(_BINARY[vr], v) for v in values if v != "")
+    if not all(isinstance(v, str) or (type(v) is int and vr == "IS") for v in values):
         return None
+    data = "\\".join(str(v) for v in values).encode(encoding if vr in _CHARSET_VRS else "ascii")
+    if len(data) % 2:
+        data += b"\x00" if vr == "UI" else b" "
+    return data
 
 
 def _identifier_bytes(answer: dict[str, Any], syntax) -> bytes:
@@ -271,7 +315,8 @@ def serve(service, req, context) -> None:
     """The C-FIND SCP (PS3.4 C.4.1.2, PS3.7 9.1.2) on the fast path: the answers of
     ``answers`` encoded straight to bytes, the pending responses' command set built once,
     and the responses written in batches (``fastpath.write``), checking for C-CANCEL
-    before each answer."""
+    before each batch: the answers of a batch that has not gone out when a C-CANCEL comes
+    are not sent."""
     assoc = service.assoc
     context_id = int(context.context_id)
     syntax = context.transfer_syntax[0]
@@ -295,7 +340,7 @@ def serve(service, req, context) -> None:
     final: tuple[int, str | None] = (status.SUCCESS, None)
     try:
         results = (
-            answers(assoc, sop_class, identifier, lambda: service.is_cancelled(message_id))
+            answers(assoc, sop_class, identifier, None)
             if identifier is not None
             else iter([_failure(status.UNABLE_TO_PROCESS, reason)])
         )
@@ -311,6 +356,9 @@ def serve(service, req, context) -> None:
             size += len(data) + len(pending_command)
             count += 1
             if count >= batch or size >= FLUSH_BYTES or time.monotonic() - started >= FLUSH_SECONDS:
+                if service.is_cancelled(message_id):
+                    buffered, final = [], (status.CANCEL, None)
+                    break
                 fastpath.write(assoc, buffered)
                 buffered, size, started = [], 0, time.monotonic()
                 batch, count = 2 * count, 0

@@ -267,7 +267,7 @@ def encode_elements(elements: Iterable[tuple[int, str, bytes]], *, explicit_vr: 
     for tag, vr, value in elements:
         head = _element_heads.get((tag, vr, explicit_vr))
         if head is None:
-            head = _element_heads[(tag, vr, explicit_vr)] = _element_head(tag, vr, explicit_vr)
+            head = _element_heads[(tag, vr, explicit_vr)] = element_head(tag, vr, explicit_vr)
         prefix, long_length = head
         if long_length:
             parts += (prefix, _UL.pack(len(value)), value)
@@ -278,7 +278,7 @@ def encode_elements(elements: Iterable[tuple[int, str, bytes]], *, explicit_vr: 
     return b"".join(parts)
 
 
-def _element_head(tag: int, vr: str, explicit_vr: bool) -> tuple[bytes, bool]:
+def element_head(tag: int, vr: str, explicit_vr: bool) -> tuple[bytes, bool]:
     """An element's header before its length, and whether the length is 4 bytes."""
     if not explicit_vr:
         return struct.pack("<HH", tag >> 16, tag & 0xFFFF), True

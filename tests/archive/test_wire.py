@@ -243,6 +243,27 @@ def test_answers_encode_to_the_bytes_pydicom_writes(answer, explicit) -> None:
     assert str(back.PatientName) == answer["PatientName"] if "PatientName" in answer else True
 
 
+def test_answers_with_the_same_keys_share_a_layout_and_still_encode_their_own_values() -> None:
+    """The elements' order and headers are worked out once per set of keys: the answers
+    after the first must still give exactly pydicom's bytes for their own values (odd and
+    even lengths, empty values, numbers, lists, a character set appended)."""
+    first = dict(ANSWERS[0])
+    variants = [
+        first,
+        first | {"PatientName": "Roe^Johnathan", "StudyTime": "101500", "NumberOfStudyRelatedSeries": 10},
+        first | {"PatientID": "", "ModalitiesInStudy": ["CT"], "NumberOfStudyRelatedInstances": 1234567},
+        first | {"ModalitiesInStudy": [], "StudyInstanceUID": "1.2.9.10"},
+        first | {"PatientName": "Müller^Jürgen", "SpecificCharacterSet": "ISO_IR 192"},
+    ]
+    for explicit in (True, False):
+        for answer in variants:
+            assert find.encode_answer(dict(answer), explicit_vr=explicit) == encode(
+                query.answer_dataset(answer), not explicit, True
+            ), answer
+    too_long = first | {"PatientID": "x" * 0x10000}  # LO: a 2-byte length in Explicit VR
+    assert find.encode_answer(too_long, explicit_vr=True) is None
+
+
 @pytest.mark.parametrize(
     "answer",
     [
