@@ -19,7 +19,7 @@ STUDY-level ``findscu`` (``TCP_NODELAY=1``) against each, interleaved, and print
 
 Usage::
 
-    .venv/bin/python bench/association.py [--db sqlite|postgres] [--repeats N]
+    .venv/bin/python bench/association.py [--db sqlite|postgres] [--repeats N] [--name "SMITH*"]
 """
 
 from __future__ import annotations
@@ -45,10 +45,14 @@ STEPS = ["A-ASSOCIATE-AC", "client, to its request", "answer", "client, to its r
 PACKET = re.compile(r"^(\d+\.\d+) IP 127\.0\.0\.1\.(\d+) > 127\.0\.0\.1\.(\d+): Flags \[([^\]]+)\].*length (\d+)")
 
 
+# findscu's matching keys (--name): none by default, all studies
+MATCHING: dict[str, str] = {}
+
+
 def client_args(tool: str, ae_title: str, port: int) -> list[str]:
     args = [tool, "-aet", ingest.CALLING_AE, "-aec", ae_title]
     if tool == "findscu":
-        args += ["-S", *query.Query("", "STUDY", query.study_keys(), 0).findscu_keys()]
+        args += ["-S", *query.Query("", "STUDY", query.study_keys(**MATCHING), 0).findscu_keys()]
     return args + [ingest.HOST, str(port)]
 
 
@@ -158,9 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite")
     parser.add_argument("--repeats", type=int, default=40)
+    parser.add_argument("--name", default="", help=f"findscu's PatientName to match (e.g. {query.SMALL_PREFIX}; default: all studies)")
     parser.add_argument("--pg-admin-url", default=ingest.DEFAULT_PG_ADMIN_URL)
     args = parser.parse_args(argv)
     query.check_tools()
+    if args.name:
+        MATCHING["PatientName"] = args.name
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, ingest.raise_terminated)
     processes = ingest.Processes()
@@ -177,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         receivers.append((f"pacsportal ({'PostgreSQL' if pg else 'SQLite'})", pacs))
         pacs.start()
         query.store(files, pacs, processes)
-        print(f"Command: .venv/bin/python bench/association.py --db {args.db} --repeats {args.repeats}")
+        print(f"Command: .venv/bin/python bench/association.py --db {args.db} --repeats {args.repeats}"
+              + (f" --name '{args.name}'" if args.name else ""))
         print(f"{len(files)} files stored in each; {args.repeats} interleaved runs per row after one warm-up round\n")
         header = "| client | server | wall ms (median / p90) | vs Orthanc | client CPU ms | server CPU ms | " + " | ".join(STEPS) + " | connection |"
         print(header)
