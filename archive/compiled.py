@@ -18,6 +18,8 @@ value (Django's own lookup class, so its value is prepared and escaped as Django
 checks that the lookup compiles to the same SQL as in the template; anything else, and it
 is built and compiled the usual way.
 
+On PostgreSQL a kept shape's SQL runs as a prepared statement (``_execute``).
+
 Only queries over everything the model holds are compiled this way: a query narrowed to a
 caller's scope (``access``) always goes through Django. The scope is a security boundary,
 and keeping it out of the cache keeps one caller's SQL from ever serving another's.
@@ -259,9 +261,7 @@ def _run(template: _Template, values: list[Any], alias: str) -> list[dict[str, A
         functions = connection.ops.get_db_converters(expression) + expression.get_db_converters(connection)
         if functions:
             converters.append((position, functions, expression))
-    with connection.cursor() as cursor:
-        cursor.execute(template.sql, params)
-        rows = cursor.fetchall()
+    rows = _execute(connection, template.sql, params)
     names = template.names
     result = []
     for row in rows:
@@ -274,3 +274,23 @@ def _run(template: _Template, values: list[Any], alias: str) -> list[dict[str, A
                 row[position] = value
         result.append(dict(zip(names, row)))
     return result
+
+
+def _execute(connection, sql: str, params: list[Any]) -> list[tuple]:
+    """The rows of a kept shape's SQL with ``params``. On PostgreSQL, a prepared statement
+    with the values bound by the server (psycopg's own cursor, under Django's error
+    translation; Django's cursor would write the values into the text): the statement is
+    parsed once per connection, and once PostgreSQL sees that its generic plan costs no
+    more than the plans made for each query's values, planned once too. Where the settings
+    turn psycopg's prepared statements off (``PACS_DB_PREPARED_STATEMENTS``), psycopg
+    executes it unprepared."""
+    if connection.vendor == "postgresql":
+        from psycopg import Cursor
+
+        connection.ensure_connection()
+        with connection.wrap_database_errors, Cursor(connection.connection) as cursor:
+            cursor.execute(sql, params, prepare=True)
+            return cursor.fetchall()
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchall()

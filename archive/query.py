@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
-from django.db import connection
-from django.db.models import Count, Exists, OuterRef, Q, QuerySet, Subquery, Sum
+from django.db.models import CharField, Count, Exists, Lookup, OuterRef, Q, QuerySet, Subquery, Sum
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 
@@ -423,14 +422,63 @@ def _match_text(column: str, value: str, *, case_insensitive: bool) -> Q:
         return Q(**{f"{column}__iexact" if case_insensitive else column: value})
     if value.endswith("*") and not _has_wildcard(value[:-1]):
         prefix = value[:-1]
-        if not case_insensitive and prefix and connection.vendor == "sqlite":
-            # SQLite's LIKE ignores ASCII case and never uses a plain index; a range on the
-            # column (BINARY collation: code point order) is exact and an index range scan.
-            return Q(**{f"{column}__gte": prefix, f"{column}__lt": prefix[:-1] + chr(ord(prefix[-1]) + 1)})
+        if not case_insensitive and prefix:
+            # A range of the column in code point order: exact, and an index range scan on
+            # both databases, with the values as parameters (so in a prepared statement's
+            # generic plan too, which a LIKE with a parameter never gives). SQLite's LIKE
+            # would ignore ASCII case and never use a plain index.
+            matching = Q(**{f"{column}__from_prefix": prefix})
+            upper = _after_prefix(prefix)
+            return matching & Q(**{f"{column}__before_prefix": upper}) if upper else matching
         lookup = "istartswith" if case_insensitive else "startswith"
-        return Q(**{f"{column}__{lookup}": prefix})  # PostgreSQL: varchar_pattern_ops index
+        return Q(**{f"{column}__{lookup}": prefix})
     lookup = "iregex" if case_insensitive else "regex"
     return Q(**{f"{column}__{lookup}": wildcard_regex(value)})
+
+
+def _after_prefix(prefix: str) -> str | None:
+    """The least string after every string that starts with ``prefix``, in code point order
+    (which is UTF-8's byte order); None when there is none."""
+    while prefix:
+        code = ord(prefix[-1]) + 1
+        if code == 0xD800:
+            code = 0xE000  # surrogates are not characters
+        if code <= 0x10FFFF:
+            return prefix[:-1] + chr(code)
+        prefix = prefix[:-1]
+    return None
+
+
+class _CodePointOrder(Lookup):
+    """A text column compared in code point order (the bounds of a prefix): PostgreSQL's
+    pattern operators, which its ``varchar_pattern_ops`` indexes serve whatever the
+    database's collation; SQLite's own comparison (BINARY collation)."""
+
+    sqlite_operator = ""
+    postgresql_operator = ""
+
+    def as_sql(self, compiler, connection):
+        lhs, lhs_params = self.process_lhs(compiler, connection)
+        rhs, rhs_params = self.process_rhs(compiler, connection)
+        if connection.vendor == "postgresql":
+            return f"{lhs}::text {self.postgresql_operator} {rhs}", [*lhs_params, *rhs_params]
+        if connection.vendor == "sqlite":
+            return f"{lhs} {self.sqlite_operator} {rhs}", [*lhs_params, *rhs_params]
+        raise NotImplementedError(f"{self.lookup_name} on {connection.vendor}")
+
+
+@CharField.register_lookup
+class FromPrefix(_CodePointOrder):
+    lookup_name = "from_prefix"
+    sqlite_operator = ">="
+    postgresql_operator = "~>=~"
+
+
+@CharField.register_lookup
+class BeforePrefix(_CodePointOrder):
+    lookup_name = "before_prefix"
+    sqlite_operator = "<"
+    postgresql_operator = "~<~"
 
 
 def wildcard_regex(value: str) -> str:

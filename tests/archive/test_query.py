@@ -205,3 +205,53 @@ def test_prefix_matching_is_case_sensitive_for_codes(corpus) -> None:
 )
 def test_answers_encode_to_dicom_json_as_pydicom_does(answer: dict) -> None:
     assert query.answer_json({"QueryRetrieveLevel": "STUDY", **answer}) == query.answer_dataset(answer).to_json_dict()
+
+
+def test_the_bound_after_a_prefix_is_the_next_string_in_code_point_order() -> None:
+    assert query._after_prefix("ab") == "ac"
+    assert query._after_prefix("a\U0010ffff") == "b"
+    assert query._after_prefix("\U0010ffff") is None
+    assert query._after_prefix("a\ud7ff") == "a\ue000"  # over the surrogates
+
+
+def test_a_case_sensitive_prefix_matches_exactly_the_strings_that_start_with_it(corpus, settings) -> None:
+    # a range of the column: as exact as LIKE, the characters around the bounds included
+    assert uids("STUDY", {"AccessionNumber": "A1*"}) == {"1.2.9.1", "1.2.9.2"}
+    assert uids("STUDY", {"AccessionNumber": "A100*"}) == {"1.2.9.1"}
+    assert uids("STUDY", {"AccessionNumber": "A0*"}) == set()
+    assert uids("STUDY", {"AccessionNumber": "A_1%*"}) == {"1.2.9.5"}
+    settings.PACS_QUERY_NAME_MATCHING = "exact"
+    assert uids("STUDY", {"PatientName": "Müller*"}) == {"1.2.9.1", "1.2.9.2"}
+    assert uids("STUDY", {"PatientName": "Mülles*"}) == set()
+    assert uids("STUDY", {"PatientName": "MÜLLER*"}) == set()
+    assert uids("STUDY", {"PatientName": "Yamada^Tarou=山*"}) == {"1.2.9.4"}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_kept_query_shape_runs_as_a_prepared_statement_on_postgresql() -> None:
+    """On PostgreSQL a query of a known shape is a prepared statement with its values bound
+    by the server, so that PostgreSQL plans it once a connection (a generic plan, which
+    the name prefix's range can use an index in); SQLite has none."""
+    from django.db import connection
+
+    from archive import compiled
+
+    load_corpus()
+    compiled.clear()
+    expected = {"DOE": {"1.2.9.3", "1.2.9.5"}, "MUL": {"1.2.9.1", "1.2.9.2"}, "YAM": {"1.2.9.4"}, "ZZZ": set()}
+    for round_ in range(3):
+        for prefix, studies in expected.items():
+            assert uids("STUDY", {"PatientName": f"{prefix}*"}) == studies, (round_, prefix)
+    if connection.vendor != "postgresql":
+        return
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT generic_plans + custom_plans, generic_plans FROM pg_prepared_statements"
+            " WHERE statement LIKE %s AND statement LIKE %s",
+            ["%patient_name_norm%", "%~>=~%"],
+        )
+        statements = cursor.fetchall()
+    assert len(statements) == 1  # one statement for every value
+    executions, generic = statements[0]
+    assert executions == 11  # the first query of the shape is learnt through Django
+    assert generic > 0  # PostgreSQL found its generic plan no worse: planned once
