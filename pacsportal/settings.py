@@ -97,8 +97,9 @@ if _database_url:
         # Django turns psycopg's prepared statements off (for poolers such as PgBouncer
         # in transaction mode before 1.21). Its own queries bind on the client and are
         # never prepared either way; this only lets the ingest hot path's one statement
-        # (archive.ingest, server-side binding) be prepared once per connection instead
-        # of parsed and planned on every instance.
+        # (archive.ingest) and the kept query shapes (archive.compiled), both bound by
+        # the server, be prepared once per connection instead of parsed and planned on
+        # every instance and every query.
         _db.setdefault("OPTIONS", {}).setdefault("prepare_threshold", 5)
 else:
     _db = {"ENGINE": "django.db.backends.sqlite3", "NAME": str(SQLITE_PATH)}

@@ -255,3 +255,25 @@ def test_a_kept_query_shape_runs_as_a_prepared_statement_on_postgresql() -> None
     executions, generic = statements[0]
     assert executions == 11  # the first query of the shape is learnt through Django
     assert generic > 0  # PostgreSQL found its generic plan no worse: planned once
+
+
+@pytest.mark.django_db(transaction=True)
+def test_kept_query_shapes_are_not_prepared_when_the_settings_say_so() -> None:
+    """PACS_DB_PREPARED_STATEMENTS off (psycopg's prepare_threshold None, for a pooler
+    that cannot keep prepared statements): the same answers, and nothing prepared."""
+    from django.db import connection
+
+    from archive import compiled
+
+    load_corpus()
+    compiled.clear()
+    connection.ensure_connection()
+    if connection.vendor == "postgresql":
+        connection.connection.prepare_threshold = None
+    for _ in range(3):
+        assert uids("STUDY", {"PatientName": "DOE*"}) == {"1.2.9.3", "1.2.9.5"}
+    assert compiled.stats.hits >= 2
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE %s", ["%patient_name_norm%"])
+            assert cursor.fetchone()[0] == 0
