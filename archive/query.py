@@ -656,16 +656,18 @@ def _dicom_value(value: Any) -> Any:
 
 
 def _da_text(value: Any) -> Any:
-    if type(value) is dt.date:
+    """A date as DA (YYYYMMDD); anything else as it is."""
+    if isinstance(value, dt.date):
         return f"{value.year:04d}{value.month:02d}{value.day:02d}"
-    return _dicom_value(value)
+    return value
 
 
 def _tm_text(value: Any) -> Any:
-    if type(value) is dt.time:
+    """A time as TM (HHMMSS, with .FFFFFF when it has microseconds); anything else as it is."""
+    if isinstance(value, dt.time):
         text = f"{value.hour:02d}{value.minute:02d}{value.second:02d}"
         return f"{text}.{value.microsecond:06d}" if value.microsecond else text
-    return _dicom_value(value)
+    return value
 
 
 def _modalities(value: Any) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 
 from archive import query
@@ -277,3 +279,18 @@ def test_kept_query_shapes_are_not_prepared_when_the_settings_say_so() -> None:
         with connection.cursor() as cursor:
             cursor.execute("SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE %s", ["%patient_name_norm%"])
             assert cursor.fetchone()[0] == 0
+
+
+@pytest.mark.parametrize(
+    "value, text",
+    [
+        (dt.date(2024, 1, 5), "20240105"),
+        (dt.datetime(2024, 1, 5, 10, 30), "20240105"),  # a date subclass
+        (dt.time(7, 5, 3), "070503"),
+        (dt.time(7, 5, 3, 250), "070503.000250"),
+        ("20240105", "20240105"),
+        (12, 12),
+    ],
+)
+def test_column_values_take_their_dicom_string_forms(value, text) -> None:
+    assert query._dicom_value(value) == text
