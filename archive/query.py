@@ -643,18 +643,6 @@ def _as_text(keyword: str, value: Any) -> str:
     return value.strip()
 
 
-def _dicom_value(value: Any) -> Any:
-    """A column's value (not None) in DICOM's string form: DA as YYYYMMDD, TM as
-    HHMMSS.FFFFFF; other values as they are."""
-    if type(value) is str:
-        return value
-    if isinstance(value, dt.date):
-        return _da_text(value)
-    if isinstance(value, dt.time):
-        return _tm_text(value)
-    return value
-
-
 def _da_text(value: Any) -> Any:
     """A date as DA (YYYYMMDD); anything else as it is."""
     if isinstance(value, dt.date):
@@ -674,33 +662,12 @@ def _modalities(value: Any) -> Any:
     return [m for m in value.split("\\") if m]
 
 
-# How a column's value (not None) becomes the attribute's DICOM value, by VR; None: as it is.
-_CONVERSIONS = {"DA": _da_text, "TM": _tm_text, "DT": _dicom_value}
-
-
 def _conversion(attribute: Attribute) -> Any:
-    """How a column's value (not None) becomes the attribute's DICOM value (None: as it is,
-    for the text and number columns)."""
+    """How a column's value (not None) becomes the attribute's DICOM value: DA and TM
+    formatted, ModalitiesInStudy split; None for the rest (text and numbers, as they are)."""
     if attribute.keyword == "ModalitiesInStudy":
         return _modalities
-    if attribute.vr in _CONVERSIONS:
-        return _CONVERSIONS[attribute.vr]
-    field = _field_of(attribute)
-    return None if field is not None and field.get_internal_type() in _AS_IS_FIELDS else _dicom_value
-
-
-# Model fields whose values are already their attribute's DICOM value.
-_AS_IS_FIELDS = frozenset({"CharField", "TextField", "IntegerField", "PositiveIntegerField", "BigIntegerField",
-                           "SmallIntegerField", "PositiveSmallIntegerField"})
-
-
-def _field_of(attribute: Attribute) -> Any:
-    if attribute.field is None:
-        return None
-    try:
-        return MODELS[attribute.level]._meta.get_field(attribute.field)
-    except Exception:  # noqa: BLE001 - a field on another model (a relation): converted
-        return None
+    return {"DA": _da_text, "TM": _tm_text}.get(attribute.vr)
 
 
 def _header_value(header: dict, keyword: str) -> Any:

@@ -73,16 +73,7 @@ def run_client(tool: str, ae_title: str, port: int) -> tuple[float, float]:
 
 def process_cpu_ms(pid: int) -> float:
     """CPU ms (user and system) that process ``pid`` and its children have used so far."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    total = 0
-    for each in [str(pid), *children]:
-        try:
-            fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # ended meanwhile
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total * 1000 / ticks
+    return ingest.cpu_ms([pid, *ingest.children_of(pid)])
 
 
 def wire_steps(capture: Path, port: int) -> dict[str, float]:

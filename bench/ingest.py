@@ -257,6 +257,24 @@ class Processes:
             entry[1].close()
 
 
+def cpu_ms(pids: list[int]) -> float:
+    """CPU milliseconds (user and system) the processes ``pids`` have used so far, from
+    ``/proc/<pid>/stat``; a process that has ended counts nothing."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total * 1000 / os.sysconf("SC_CLK_TCK")
+
+
+def children_of(pid: int) -> list[int]:
+    """The processes whose parent is ``pid``."""
+    return [int(each) for each in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
+
+
 def free_port() -> int:
     """Return a TCP port that is free on HOST right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

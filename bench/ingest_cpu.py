@@ -27,35 +27,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ingest  # noqa: E402 - series, receivers, processes, PostgreSQL helpers
 
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_ms(pids: list[int]) -> float:
-    """User and system CPU of ``pids`` so far, in milliseconds (gone processes count 0)."""
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total * 1000 / TICKS
-
-
-def processes_where(test) -> list[int]:
+def postgres_processes() -> list[int]:
+    """Every PostgreSQL server process running now."""
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                if test(int(entry)):
+                if Path(f"/proc/{entry}/comm").read_text().strip() == "postgres":
                     found.append(int(entry))
             except OSError:
                 continue
     return found
-
-
-def parent_of(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             receiver = ingest.OrthancReceiver(ingest.Config("orthanc", 4), run_dir, processes)
         receiver.start()
         root = receiver.proc.pid  # type: ignore[union-attr]
-        server = [root, *processes_where(lambda pid: parent_of(pid) == root)]
+        server = [root, *ingest.children_of(root)]
         label = f"{args.receiver}" + (f" ({args.db}, {args.workers} workers)" if args.receiver == "pacs" else "")
         if warm_up is not None:
             ingest.send(warm_up.files, min(4, len(warm_up.files)), receiver.ae_title, receiver.port, processes, run_dir)
@@ -93,10 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         print("|---:|---:|---:|---:|---:|")
         for number, one in enumerate(series, 1):
             os.sync()
-            postgres = processes_where(lambda pid: Path(f"/proc/{pid}/comm").read_text().strip() == "postgres")
-            before = (cpu_ms(server), cpu_ms(postgres), os.times())
+            postgres = postgres_processes()
+            before = (ingest.cpu_ms(server), ingest.cpu_ms(postgres), os.times())
             seconds = ingest.send(one.files, 4, receiver.ae_title, receiver.port, processes, run_dir)
-            after = (cpu_ms(server), cpu_ms(postgres), os.times())
+            after = (ingest.cpu_ms(server), ingest.cpu_ms(postgres), os.times())
             count = len(one.files)
             clients = (after[2].children_user + after[2].children_system - before[2].children_user - before[2].children_system) * 1000
             print(

@@ -282,15 +282,16 @@ def test_kept_query_shapes_are_not_prepared_when_the_settings_say_so() -> None:
 
 
 @pytest.mark.parametrize(
-    "value, text",
+    "keyword, value, text",
     [
-        (dt.date(2024, 1, 5), "20240105"),
-        (dt.datetime(2024, 1, 5, 10, 30), "20240105"),  # a date subclass
-        (dt.time(7, 5, 3), "070503"),
-        (dt.time(7, 5, 3, 250), "070503.000250"),
-        ("20240105", "20240105"),
-        (12, 12),
+        ("StudyDate", dt.date(2024, 1, 5), "20240105"),
+        ("StudyDate", dt.datetime(2024, 1, 5, 10, 30), "20240105"),  # a date subclass
+        ("StudyTime", dt.time(7, 5, 3), "070503"),
+        ("StudyTime", dt.time(7, 5, 3, 250), "070503.000250"),
+        ("StudyDate", "20240105", "20240105"),
+        ("NumberOfStudyRelatedSeries", 12, 12),
     ],
 )
-def test_column_values_take_their_dicom_string_forms(value, text) -> None:
-    assert query._dicom_value(value) == text
+def test_column_values_take_their_dicom_string_forms(keyword, value, text) -> None:
+    convert = query._conversion(query.ATTRIBUTES[keyword])
+    assert (value if convert is None else convert(value)) == text
