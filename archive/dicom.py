@@ -317,21 +317,83 @@ def _tag(keyword: str) -> int:
 
 def header_from_values(values: dict[int, Any], transfer_syntax: str) -> Header:
     """``extract_header`` for values already decoded (``archive.rawheader``): top-level
-    tag -> the value as pydicom would give it."""
-    return _header(lambda keyword: values.get(_tag(keyword)), _tag("Rows") in values, transfer_syntax)
+    tag -> the value as pydicom would give it.
+
+    The instances of a series repeat their patient, study and series values: those three
+    levels are worked out once for a set of values (``_UPPER_LEVELS``) and copied after."""
+
+    def get(keyword: str) -> Any:
+        return values.get(_tag(keyword))
+
+    header = Header()
+    key = _upper_key(values)
+    upper = _UPPER_LEVELS.get(key) if key is not None else None
+    if upper is None:
+        upper = (_patient_values(get), _study_values(get), _series_values(get))
+        if key is not None:
+            if len(_UPPER_LEVELS) >= _UPPER_LEVELS_LIMIT:
+                _UPPER_LEVELS.clear()
+            _UPPER_LEVELS[key] = upper
+    header.patient, header.study, header.series = (dict(level) for level in upper)
+    header.instance = _instance_values(get, _tag("Rows") in values, transfer_syntax)
+    return header
+
+
+# The keywords the patient, study and series values are made of (``_patient_values``,
+# ``_study_values``, ``_series_values``).
+_UPPER_KEYWORDS = (
+    "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
+    "StudyInstanceUID", "AccessionNumber", "StudyDate", "StudyTime", "StudyDescription",
+    "ReferringPhysicianName", "StudyID", "InstitutionName",
+    "SeriesInstanceUID", "SeriesNumber", "Modality", "SeriesDescription", "BodyPartExamined",
+    "ProtocolName", "SeriesDate", "SeriesTime", "StationName",
+)  # fmt: skip
+_UPPER_TAGS: tuple[int, ...] = ()
+_UPPER_LEVELS: dict[tuple, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {}
+_UPPER_LEVELS_LIMIT = 1024
+
+
+def _upper_key(values: dict[int, Any]) -> tuple | None:
+    """The values behind the patient, study and series levels, each with its type (1 and
+    1.0 are equal keys, not equal texts); None when one cannot be a key."""
+    global _UPPER_TAGS
+    if not _UPPER_TAGS:
+        _UPPER_TAGS = tuple(_tag(keyword) for keyword in _UPPER_KEYWORDS)
+    key = []
+    for tag in _UPPER_TAGS:
+        value = values.get(tag)
+        if isinstance(value, list):
+            value = tuple(value)
+        key.append((type(value), value))
+    key_tuple = tuple(key)
+    try:
+        hash(key_tuple)
+    except TypeError:
+        return None
+    return key_tuple
 
 
 def _header(get: Getter, has_rows: bool, transfer_syntax: str) -> Header:
-    patient_name = _text(get, "PatientName", 324)
     header = Header()
-    header.patient = {
+    header.patient = _patient_values(get)
+    header.study = _study_values(get)
+    header.series = _series_values(get)
+    header.instance = _instance_values(get, has_rows, transfer_syntax)
+    return header
+
+
+def _patient_values(get: Getter) -> dict[str, Any]:
+    return {
         "patient_id": _text(get, "PatientID"),
         "issuer_of_patient_id": _text(get, "IssuerOfPatientID"),
-        "patient_name": patient_name,
+        "patient_name": _text(get, "PatientName", 324),
         "patient_birth_date": parse_da(_text(get, "PatientBirthDate")),
         "patient_sex": _text(get, "PatientSex", 16).upper(),
     }
-    header.study = {
+
+
+def _study_values(get: Getter) -> dict[str, Any]:
+    return {
         "study_instance_uid": _text(get, "StudyInstanceUID", UNCLIPPED),
         "accession_number": _text(get, "AccessionNumber", 16),
         "study_date": parse_da(_text(get, "StudyDate")),
@@ -341,7 +403,10 @@ def _header(get: Getter, has_rows: bool, transfer_syntax: str) -> Header:
         "study_id": _text(get, "StudyID", 16),
         "institution_name": _text(get, "InstitutionName"),
     }
-    header.series = {
+
+
+def _series_values(get: Getter) -> dict[str, Any]:
+    return {
         "series_instance_uid": _text(get, "SeriesInstanceUID", UNCLIPPED),
         "series_number": _int(get, "SeriesNumber"),
         "modality": _text(get, "Modality", 16).upper(),
@@ -352,7 +417,10 @@ def _header(get: Getter, has_rows: bool, transfer_syntax: str) -> Header:
         "series_time": parse_tm(_text(get, "SeriesTime")),
         "station_name": _text(get, "StationName", 16),
     }
-    header.instance = {
+
+
+def _instance_values(get: Getter, has_rows: bool, transfer_syntax: str) -> dict[str, Any]:
+    return {
         "sop_instance_uid": _text(get, "SOPInstanceUID", UNCLIPPED),
         "sop_class_uid": _text(get, "SOPClassUID", UNCLIPPED),
         "instance_number": _int(get, "InstanceNumber"),
@@ -366,7 +434,6 @@ def _header(get: Getter, has_rows: bool, transfer_syntax: str) -> Header:
         "slice_location": _float(get, "SliceLocation"),
         "specific_character_set": _text(get, "SpecificCharacterSet", 64),
     }
-    return header
 
 
 def required_uid_errors(header: Header) -> list[str]:

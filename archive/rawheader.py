@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import io
+import mmap
 import struct
 import threading
 from typing import Any
@@ -71,6 +72,7 @@ _BYTES_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW"})
 _NUMBER_FORMATS = {"US": "H", "SS": "h", "UL": "L", "SL": "l", "FL": "f", "FD": "d", "SV": "q", "UV": "Q"}
 _SPLIT_TEXT_VRS = frozenset({"SH", "LO", "UC"})  # pydicom's convert_text
 _SINGLE_TEXT_VRS = frozenset({"ST", "LT", "UT"})  # pydicom's convert_single_string
+_TEXT_VRS = _SPLIT_TEXT_VRS | _SINGLE_TEXT_VRS | {"PN"}  # decoded with the character set
 _STRING_VRS = frozenset({"AS", "CS", "DA", "DT", "TM"})  # pydicom's convert_string
 _KNOWN_VRS = (
     _BYTES_VRS
@@ -84,6 +86,11 @@ _KNOWN_VRS = (
 _INLINE_LIMIT = (JSON_BULK_THRESHOLD // 4) * 3
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _CHARSET_TAG = 0x00080005
+# An element's header (PS3.5 7.1.2): tag, then in explicit VR the VR and a 16-bit length
+# (or, for the VRs of _LONG_VRS, two reserved bytes and a 32-bit length).
+_EXPLICIT_HEAD = struct.Struct("<HH2sH")
+_LENGTH = struct.Struct("<L")
+_VR_OF = {vr.encode("ascii"): (vr, vr in _LONG_VRS) for vr in _KNOWN_VRS}
 _TRANSFER_SYNTAX_TAG = 0x00020010
 
 
@@ -124,7 +131,7 @@ def read(data: Any, size: int) -> tuple[Header, dict[str, Any]] | None:
     except TypeError:  # a file object (an empty file is not mapped): pydicom reads it
         return None
     try:
-        return _Reader(view, size).read()
+        return _Reader(view, size, data).read()
     except (_Unhandled, struct.error, UnicodeError, ValueError, OverflowError, IndexError):
         return None
     finally:
@@ -135,8 +142,10 @@ class _Reader:
     """One walk of one file: its file meta group, its data set to the pixel data (values
     converted), then the structure of the rest (lengths checked, values skipped)."""
 
-    def __init__(self, view: memoryview, size: int) -> None:
+    def __init__(self, view: memoryview, size: int, data: Any = None) -> None:
         self.view = view
+        # Values are sliced from here: bytes or an mmap give bytes in one step.
+        self.source = data if isinstance(data, (bytes, mmap.mmap)) else _BytesOf(view)
         self.size = size
         self.explicit = True
         self.values: dict[int, Any] = {}  # top-level tag -> value as pydicom returns it
@@ -173,18 +182,19 @@ class _Reader:
     def _element_header(self, position: int, explicit: bool) -> tuple[int, str | None, int, int]:
         if position + 8 > self.size:
             raise _Unhandled("cut off")
-        group, element = struct.unpack_from("<HH", self.view, position)
+        group, element, vr_bytes, short = _EXPLICIT_HEAD.unpack_from(self.view, position)
         tag = (group << 16) | element
         if group == 0xFFFE or not explicit:
-            return tag, None, struct.unpack_from("<L", self.view, position + 4)[0], position + 8
-        vr = bytes(self.view[position + 4 : position + 6]).decode("latin-1")
-        if vr not in _KNOWN_VRS:
-            raise _Unhandled(f"VR {vr!r}")  # UN, an unknown VR, or implicit VR in an explicit file
-        if vr in _LONG_VRS:
+            return tag, None, _LENGTH.unpack_from(self.view, position + 4)[0], position + 8
+        known = _VR_OF.get(vr_bytes)
+        if known is None:
+            raise _Unhandled(f"VR {vr_bytes!r}")  # UN, an unknown VR, or implicit VR in an explicit file
+        vr, long = known
+        if long:
             if position + 12 > self.size:
                 raise _Unhandled("cut off")
-            return tag, vr, struct.unpack_from("<L", self.view, position + 8)[0], position + 12
-        return tag, vr, struct.unpack_from("<H", self.view, position + 6)[0], position + 8
+            return tag, vr, _LENGTH.unpack_from(self.view, position + 8)[0], position + 12
+        return tag, vr, short, position + 8
 
     def _dataset(
         self, position: int, end: int, encoding: str, *, top: bool = False, delimited: bool = False
@@ -195,12 +205,34 @@ class _Reader:
         out: dict[str, Any] = {}
         previous = -1
         text_seen = False
+        view, size, explicit = self.view, self.size, self.explicit
         while position < end:
             start = position
-            tag, vr, length, position = self._element_header(position, self.explicit)
+            # The element's header, as _element_header reads it (inline: once per element).
+            if position + 8 > size:
+                raise _Unhandled("cut off")
+            group, element, vr_bytes, short = _EXPLICIT_HEAD.unpack_from(view, position)
+            tag = (group << 16) | element
+            if group == 0xFFFE or not explicit:
+                vr = None
+                length = _LENGTH.unpack_from(view, position + 4)[0]
+                position += 8
+            else:
+                known = _VR_OF.get(vr_bytes)
+                if known is None:
+                    raise _Unhandled(f"VR {vr_bytes!r}")
+                vr, long = known
+                if long:
+                    if position + 12 > size:
+                        raise _Unhandled("cut off")
+                    length = _LENGTH.unpack_from(view, position + 8)[0]
+                    position += 12
+                else:
+                    length = short
+                    position += 8
             if tag == _ITEM_END and delimited:
                 return out, position, None
-            if tag >> 16 == 0xFFFE or tag <= previous or tag >> 16 == 0x0002:
+            if group == 0xFFFE or tag <= previous or group == 0x0002:
                 raise _Unhandled("element order")
             previous = tag
             if top and tag in PIXEL_TAGS:
@@ -211,26 +243,26 @@ class _Reader:
                 if vr != "SQ":
                     raise _Unhandled("undefined length")
                 items, position = self._sequence(position, None, encoding)
-                out[f"{tag:08X}"] = {"vr": "SQ", "Value": items}
+                out[_key(tag)] = {"vr": "SQ", "Value": items}
                 continue
             if position + length > end:
                 raise _Unhandled("cut off")
             if vr == "SQ":
                 items, position = self._sequence(position, position + length, encoding)
-                out[f"{tag:08X}"] = {"vr": "SQ", "Value": items}
+                out[_key(tag)] = {"vr": "SQ", "Value": items}
                 continue
-            raw = bytes(self.view[position : position + length])
+            raw = self.source[position : position + length]
             position += length
             if tag == _CHARSET_TAG:
                 if text_seen:
                     raise _Unhandled("text before the character set")
                 encoding = _codec(raw)
-            elif vr == "PN" or vr in _SPLIT_TEXT_VRS or vr in _SINGLE_TEXT_VRS:
+            elif vr in _TEXT_VRS:
                 text_seen = True
             value, element = _converted(tag, vr, raw, encoding)
             if top:
                 self.values[tag] = value
-            out[f"{tag:08X}"] = element
+            out[_key(tag)] = element
         if position != end or delimited:
             raise _Unhandled("cut off, or an item without its delimiter")
         return out, position, None
@@ -275,6 +307,30 @@ class _Reader:
             walker.elements()
         except DicomFileError:
             raise _Unhandled("damaged after the header") from None
+
+
+class _BytesOf:
+    """Slices of a memoryview as bytes (what slicing bytes or an mmap gives)."""
+
+    def __init__(self, view: memoryview) -> None:
+        self.view = view
+
+    def __getitem__(self, part: slice) -> bytes:
+        return bytes(self.view[part])
+
+
+_KEYS: dict[int, str] = {}
+_KEYS_LIMIT = 16384  # tags; private ones vary from file to file
+
+
+def _key(tag: int) -> str:
+    """A tag's key in the JSON model ("0010 0010" -> "00100010")."""
+    key = _KEYS.get(tag)
+    if key is None:
+        key = f"{tag:08X}"
+        if len(_KEYS) < _KEYS_LIMIT:
+            _KEYS[tag] = key
+    return key
 
 
 class _MemoryFile:

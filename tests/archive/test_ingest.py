@@ -60,6 +60,25 @@ def test_it_stores_an_instance_and_indexes_every_level(storage_dir: Path) -> Non
 
 
 @pytest.mark.django_db
+def test_geometry_is_kept_as_numbers_by_the_first_and_the_following_instances_of_a_series() -> None:
+    """The first instance of a series is indexed by the ORM's path, the next ones by the
+    hot path's own statement (a series known to the cache): both keep the JSON columns."""
+    first = make_dataset()
+    second = make_dataset(study_uid=first.StudyInstanceUID, series_uid=first.SeriesInstanceUID)
+    for z, ds in ((1.5, first), (-2.25, second)):
+        ds.ImagePositionPatient = [-120.5, 80, z]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        assert ingest_bytes(part10(ds), SOURCE).outcome is Outcome.STORED
+    rows = Instance.objects.order_by("image_position_patient__2").values_list(
+        "image_position_patient", "image_orientation_patient"
+    )
+    assert list(rows) == [
+        ([-120.5, 80.0, -2.25], [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]),
+        ([-120.5, 80.0, 1.5], [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]),
+    ]
+
+
+@pytest.mark.django_db
 def test_counts_and_modalities_follow_each_new_series() -> None:
     study_uid = "1.2.3.4.5"
     for modality, series_uid, count in (("CT", "1.2.3.4.5.1", 3), ("MR", "1.2.3.4.5.2", 2)):

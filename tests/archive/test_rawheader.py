@@ -209,3 +209,42 @@ def test_an_image_without_pixel_data_is_refused() -> None:
     data = part10(ds)
     with pytest.raises(DicomFileError, match="an image without Pixel Data"):
         rawheader.read(data, len(data))
+
+
+def test_the_patient_study_and_series_values_come_only_from_the_keys_they_are_kept_under() -> None:
+    """header_from_values works a series' upper levels out once per set of values
+    (dicom._UPPER_KEYWORDS): they must be made of those keywords only."""
+    from archive import dicom
+
+    asked: list[str] = []
+
+    def get(keyword: str):
+        asked.append(keyword)
+        return None
+
+    dicom._patient_values(get), dicom._study_values(get), dicom._series_values(get)
+    assert set(asked) <= set(dicom._UPPER_KEYWORDS)
+
+
+def test_instances_of_one_series_share_upper_levels_but_keep_their_own_values() -> None:
+    first = make_dataset(instance_number=1)
+    first.SeriesDescription = "Axial"
+    first.ImagePositionPatient = [0, 0, 1]
+    second = make_dataset(instance_number=2, study_uid=first.StudyInstanceUID, series_uid=first.SeriesInstanceUID)
+    second.SeriesDescription = "Axial"
+    second.ImagePositionPatient = [0, 0, 2]
+    # The same series with one series-level value changed: not the first one's values.
+    third = make_dataset(instance_number=3, study_uid=first.StudyInstanceUID, series_uid=first.SeriesInstanceUID)
+    third.SeriesDescription = "Coronal"
+    headers = []
+    for ds in (first, second, third):
+        data = part10(ds)
+        header, _ = fast_answer(data)
+        assert header == pydicom_answer(data)[0]
+        headers.append(header)
+    one, two, three = headers
+    assert three.series["series_description"] == "Coronal"
+    one.series["series_description"] = "changed by a caller"
+    assert two.series["series_description"] == "Axial"  # each header has its own dicts
+    assert (one.instance["instance_number"], two.instance["instance_number"]) == (1, 2)
+    assert two.instance["image_position_patient"] == [0.0, 0.0, 2.0]
