@@ -1171,6 +1171,7 @@ class Negotiations:
         self._lock = threading.Lock()
         self.size = size
         self.generation = 0  # counts clears: an association built before one keeps no answer
+        self._defaults_of = -1  # the generation whose associations have the default handlers
 
     def get(self, request: bytes) -> Known | None:
         """The known answer to a request's bytes, or None."""
@@ -1193,14 +1194,28 @@ class Negotiations:
     def may_answer(self, assoc: Any) -> bool:
         """Whether ``assoc`` would be answered the same as before: default negotiation
         handlers, and the AE under its association limit (as pynetdicom counts it)."""
+        if not self._default_handlers(assoc):
+            return False
+        ae = assoc.ae
+        if threading.active_count() <= ae.maximum_associations:
+            return True  # fewer threads than the limit: fewer associations too, no need to count
+        return len([a for a in ae.active_associations if a.is_acceptor]) <= ae.maximum_associations
+
+    def _default_handlers(self, assoc: Any) -> bool:
+        """Whether ``assoc``'s negotiation handlers are pynetdicom's defaults; known once per
+        generation for the associations built in it (a change of handlers clears)."""
+        generation = getattr(assoc, "pacs_generation", None)
+        if generation is not None and generation == self.generation and self._defaults_of == generation:
+            return True
         if assoc.get_handlers(evt.EVT_REQUESTED):
             return False
         for event in self.NEGOTIATION_EVENTS:
             handler = assoc.get_handlers(event)
             if not handler or handler[0] is not evt.get_default_handler(event):
                 return False
-        ae = assoc.ae
-        return len([a for a in ae.active_associations if a.is_acceptor]) <= ae.maximum_associations
+        if generation is not None and generation == self.generation:
+            self._defaults_of = generation
+        return True
 
 
 def _artim(assoc: Any) -> float:
