@@ -192,6 +192,20 @@ def find(
     scope); ``limit`` caps the answers. Raises ``QueryError`` before yielding anything
     when the level or a key cannot be used.
     """
+    _, answers = find_counted(level, identifier, limit=limit, queryset=queryset, order_by=order_by)
+    yield from answers
+
+
+def find_counted(
+    level: str,
+    identifier: Mapping[str, Any],
+    *,
+    limit: int | None = None,
+    queryset: QuerySet | None = None,
+    order_by: tuple[str, ...] = ("pk",),
+) -> tuple[int, Iterator[dict[str, Any]]]:
+    """``find`` run now: (the number of answers, the answers, each built as it is taken).
+    Raises ``QueryError`` when the level or a key cannot be used."""
     plan = plan_query(level, identifier)
     columns = plan.columns()
     if queryset is None:
@@ -207,8 +221,7 @@ def find(
 
     rows = compiled.fetch(("find", plan.level, tuple(columns), tuple(order_by), limit), plan.filters, queryset, build)
     sop_classes = plan.sop_classes_for([row["pk"] for row in rows]) if plan.wants_sop_classes else {}
-    for row in rows:
-        yield plan.answer(row, sop_classes)
+    return len(rows), (plan.answer(row, sop_classes) for row in rows)
 
 
 def count(level: str, identifier: Mapping[str, Any], *, queryset: QuerySet | None = None) -> int:

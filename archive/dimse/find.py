@@ -7,6 +7,7 @@ is the same service through pynetdicom's own C-FIND loop, for associations witho
 
 from __future__ import annotations
 
+import itertools
 import logging
 import struct
 import time
@@ -169,16 +170,17 @@ def answers(
         if level not in MODEL_LEVELS.get(sop_class_uid, ()):
             raise query.QueryError(f"query level {level or '(none)'} is not one of {'/'.join(MODEL_LEVELS[sop_class_uid])} of this model")
         limit = settings.PACS_FIND_LIMIT
-        found = list(query.find(level, keys, limit=limit + 1, queryset=node.scope(query.MODELS[level])))
+        matched, found = query.find_counted(level, keys, limit=limit + 1, queryset=node.scope(query.MODELS[level]))
     except query.QueryError as exc:
         log.warning("C-FIND from %s refused: %s", calling, exc)
         yield _failure(status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc))
         return
-    if len(found) > limit:
+    if matched > limit:
         log.warning("C-FIND from %s at %s level cut at %d answers (PACS_FIND_LIMIT)", calling, level, limit)
-        found = found[:limit]
-    audit_dimse(assoc, "query", keys=keys, details={"level": level, "answers": len(found)})
-    for answer in found:
+    audit_dimse(assoc, "query", keys=keys, details={"level": level, "answers": min(matched, limit)})
+    # Each answer is built as it goes out: the first leaves before the others are built,
+    # and the peer reads it while they are.
+    for answer in itertools.islice(found, limit):
         if is_cancelled is not None and is_cancelled():
             yield status.CANCEL, None
             return

@@ -283,3 +283,27 @@ def test_c_find_is_read_by_the_fast_path(qr, monkeypatch) -> None:
     assert served == ["C_FIND"]
     if assoc.is_established:
         assoc.abort()
+
+
+def test_the_first_answer_goes_out_before_the_others_are_built(qr, monkeypatch) -> None:
+    """The peer reads the first answer while the archive builds the rest."""
+    from archive import query
+    from archive.dimse import fastpath
+
+    events: list[str] = []
+    build, write = query.QueryPlan.answer, fastpath.write
+
+    def answer(self, *args, **kwargs):
+        events.append("build")
+        return build(self, *args, **kwargs)
+
+    def sent(assoc, buffers):
+        events.append("write")
+        return write(assoc, buffers)
+
+    monkeypatch.setattr(query.QueryPlan, "answer", answer)
+    monkeypatch.setattr(fastpath, "write", sent)
+    answers, final = c_find(qr, "STUDY", {"StudyInstanceUID": ""})
+    assert final.Status == status.SUCCESS and len(answers) > 2
+    assert events[:3] == ["build", "write", "build"]
+    assert events.count("build") == len(answers)
