@@ -24,11 +24,14 @@ or none. Raises ``RenderError`` for what cannot be rendered, with the reason.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import io
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,6 +113,24 @@ def series_representative(series_id: int) -> Instance | None:
     if not pks:
         return None
     return Instance.objects.only(*RENDER_FIELDS).get(pk=pks[len(pks) // 2])
+
+
+# Series locks are striped: one file each of this many, never removed (removing a lock
+# file another process may hold open is a race); two series rarely share one.
+_LOCK_STRIPES = 256
+
+
+@contextlib.contextmanager
+def series_lock(series_id: int) -> Iterator[None]:
+    """Hold, across processes, the right to render ``series_id``'s cache (waiting for it)."""
+    folder = Path(settings.PACS_RENDER_CACHE_DIR) / ".locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / f"series-{series_id % _LOCK_STRIPES:03d}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def render_all(instance: Instance, kinds: tuple[str, ...] = ("preview", "packed")) -> int:

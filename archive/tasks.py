@@ -15,7 +15,16 @@ log = logging.getLogger("archive.tasks")
 def prerender_series(series_id: int) -> int:
     """Fill the render cache for a series: every frame's preview and packed renditions, and
     the thumbnail of the middle instance (the one the study page shows). Returns how many
-    renditions were made; instances that cannot be rendered are logged and skipped."""
+    renditions were made; instances that cannot be rendered are logged and skipped.
+
+    A series stored over several associations gets a task from each; one runs at a time
+    per series (``render.series_lock``), so that a later one renders only what the earlier
+    ones left instead of the same frames beside them (3.7 s of CPU for a 200-slice CT)."""
+    with render.series_lock(series_id):
+        return _prerender(series_id)
+
+
+def _prerender(series_id: int) -> int:
     series = Series.objects.filter(pk=series_id).first()
     if series is None:
         return 0  # deleted since

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
+import time
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
+from django.db import connection
 from PIL import Image
 from pydicom.pixels import apply_color_lut, pixel_array
 
@@ -278,3 +280,40 @@ def test_a_window_given_by_the_caller_keeps_monochrome1_inverted() -> None:
     assert render.windowed_pixels(ds, 1, (2048.0, 4096.0)).tolist() == [[255, 0]]
     ds.PhotometricInterpretation = "MONOCHROME2"
     assert render.windowed_pixels(ds, 1, (2048.0, 4096.0)).tolist() == [[0, 255]]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_prerender_tasks_of_one_series_at_once_render_each_frame_once(monkeypatch) -> None:
+    """A series stored over several associations queues a task from each: run at once,
+    they must not render the same frames side by side."""
+    import threading
+
+    from archive.tasks import prerender_series
+
+    series_uid = pydicom.uid.generate_uid()
+    instances = [stored_instance(make_dataset(series_uid=series_uid, study_uid="1.2.3.5")) for _ in range(4)]
+    rendered: list[tuple[int, int, str]] = []
+    real = render.render
+
+    def counting(ds, frame, kind):
+        rendered.append((str(ds.SOPInstanceUID), frame, kind))
+        time.sleep(0.02)  # long enough for the other task to reach the same frames
+        return real(ds, frame, kind)
+
+    monkeypatch.setattr(render, "render", counting)
+    made: list[int] = []
+
+    def task() -> None:
+        try:
+            made.append(prerender_series(instances[0].series_id))
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=task) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    frames = [r for r in rendered if r[2] in ("preview", "packed")]
+    assert len(frames) == len(set(frames)) == 4 * 2  # preview and packed, each once
+    assert sorted(made) == [0, 4 * 2 + 1]  # the second found everything done
