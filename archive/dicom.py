@@ -383,6 +383,7 @@ def _header(get: Getter, has_rows: bool, transfer_syntax: str) -> Header:
 
 
 def _patient_values(get: Getter) -> dict[str, Any]:
+    """The Patient row's values (PS3.3 C.7.1.1), from ``get``."""
     return {
         "patient_id": _text(get, "PatientID"),
         "issuer_of_patient_id": _text(get, "IssuerOfPatientID"),
@@ -393,6 +394,7 @@ def _patient_values(get: Getter) -> dict[str, Any]:
 
 
 def _study_values(get: Getter) -> dict[str, Any]:
+    """The Study row's values (PS3.3 C.7.2.1), from ``get``."""
     return {
         "study_instance_uid": _text(get, "StudyInstanceUID", UNCLIPPED),
         "accession_number": _text(get, "AccessionNumber", 16),
@@ -406,6 +408,7 @@ def _study_values(get: Getter) -> dict[str, Any]:
 
 
 def _series_values(get: Getter) -> dict[str, Any]:
+    """The Series row's values (PS3.3 C.7.3.1), from ``get``."""
     return {
         "series_instance_uid": _text(get, "SeriesInstanceUID", UNCLIPPED),
         "series_number": _int(get, "SeriesNumber"),
@@ -420,6 +423,7 @@ def _series_values(get: Getter) -> dict[str, Any]:
 
 
 def _instance_values(get: Getter, has_rows: bool, transfer_syntax: str) -> dict[str, Any]:
+    """The Instance row's values (SOP Common, Image Pixel and Plane modules), from ``get``."""
     return {
         "sop_instance_uid": _text(get, "SOPInstanceUID", UNCLIPPED),
         "sop_class_uid": _text(get, "SOPClassUID", UNCLIPPED),

@@ -25,6 +25,7 @@ def prerender_series(series_id: int) -> int:
 
 
 def _prerender(series_id: int) -> int:
+    """``prerender_series``'s work, under its series' lock."""
     series = Series.objects.filter(pk=series_id).first()
     if series is None:
         return 0  # deleted since
