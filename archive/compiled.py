@@ -18,7 +18,7 @@ value (Django's own lookup class, so its value is prepared and escaped as Django
 checks that the lookup compiles to the same SQL as in the template; anything else, and it
 is built and compiled the usual way.
 
-On PostgreSQL a kept shape's SQL runs as a prepared statement (``_execute``).
+On PostgreSQL a kept shape's SQL runs as a prepared statement (``execute``).
 
 Only queries over everything the model holds are compiled this way: a query narrowed to a
 caller's scope (``access``) always goes through Django. The scope is a security boundary,
@@ -261,7 +261,7 @@ def _run(template: _Template, values: list[Any], alias: str) -> list[dict[str, A
         functions = connection.ops.get_db_converters(expression) + expression.get_db_converters(connection)
         if functions:
             converters.append((position, functions, expression))
-    rows = _execute(connection, template.sql, params)
+    rows = execute(connection, template.sql, params)
     names = template.names
     result = []
     for row in rows:
@@ -276,8 +276,9 @@ def _run(template: _Template, values: list[Any], alias: str) -> list[dict[str, A
     return result
 
 
-def _execute(connection, sql: str, params: list[Any]) -> list[tuple]:
-    """The rows of a kept shape's SQL with ``params``. On PostgreSQL, a prepared statement
+def execute(connection, sql: str, params: list[Any]) -> list[tuple]:
+    """The rows of ``sql`` run with ``params`` (a kept query shape here, the ingest's one
+    statement in ``archive.ingest``). On PostgreSQL, a prepared statement
     with the values bound by the server (psycopg's own cursor, under Django's error
     translation; Django's cursor would write the values into the text): the statement is
     parsed once per connection, and once PostgreSQL sees that its generic plan costs no

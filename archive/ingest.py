@@ -33,12 +33,11 @@ from django.db import DEFAULT_DB_ALIAS, DatabaseError, IntegrityError, Operation
 from django.db.models import F
 from django.dispatch import Signal
 from django.utils import timezone
-from psycopg import Cursor as PgCursor
 from psycopg.pq import TransactionStatus
 from pydicom.dataset import Dataset
 from pydicom.filewriter import dcmwrite
 
-from archive import rawheader, storage
+from archive import compiled, rawheader, storage
 from archive.dicom import DicomFileError, Header, normalize_name, required_uid_errors
 from archive.models import Instance, Patient, Series, Study
 
@@ -424,13 +423,9 @@ def _add_to_known_series(conn, row: _InstanceRow, study_id: int, series_id: int)
             # Left open by a failure elsewhere: the insert would join it, uncommitted.
             log.warning("a transaction was left open on this thread's connection; rolled back")
             conn.connection.rollback()
-        # psycopg's own cursor under Django's error translation, not Django's cursor: the
-        # parameters are bound by the server (Django binds them on the client, quoting the
-        # header's JSON into the statement text) and the statement is prepared once per
-        # connection.
-        with conn.wrap_database_errors, PgCursor(conn.connection) as cursor:
-            cursor.execute(statements.add_instance, params, prepare=True)
-            instance_id = cursor.fetchone()[0]
+        # A prepared statement with the parameters bound by the server (Django's cursor
+        # would quote the header's JSON into the statement text).
+        instance_id = compiled.execute(conn, statements.add_instance, params)[0][0]
     return _Keys(instance_id, study_id, series_id, created_series=False)
 
 
