@@ -92,7 +92,9 @@ if _database_url:
         _db["CONN_MAX_AGE"] = 0
         # At least one connection per association the process may serve, and a few more.
         _pool_size = envint("PACS_MAX_ASSOCIATIONS", 32, minimum=1) + 4
-        _db.setdefault("OPTIONS", {})["pool"] = {"min_size": 1, "max_size": _pool_size, "timeout": 30}
+        # Two open from the start (runscp opens the pool before it listens): a modality or a
+        # workstation often opens a second association while the first is busy.
+        _db.setdefault("OPTIONS", {})["pool"] = {"min_size": 2, "max_size": _pool_size, "timeout": 30}
     if _db["ENGINE"] == "django.db.backends.postgresql" and envbool("PACS_DB_PREPARED_STATEMENTS", True):
         # Django turns psycopg's prepared statements off (for poolers such as PgBouncer
         # in transaction mode before 1.21). Its own queries bind on the client and are

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -189,3 +190,22 @@ def test_runscp_with_several_workers_shares_the_port(transactional_db, tmp_path:
     assert served == pids, output
     assert Study.objects.get().number_of_study_related_instances == 40
     assert_consistent(storage_dir)
+
+
+def test_runscp_opens_the_database_before_it_listens_and_survives_one_that_is_away(transactional_db, monkeypatch, caplog) -> None:
+    from django.db import OperationalError, connection
+
+    from archive.management.commands import runscp
+
+    def away() -> None:
+        raise OperationalError("connection refused")
+
+    closed = []
+    with monkeypatch.context() as patch:
+        patch.setattr(connection, "close", lambda: closed.append(True))
+        runscp.open_database()
+        assert connection.connection is not None and closed == [True]
+        patch.setattr(connection, "ensure_connection", away)
+        with caplog.at_level(logging.WARNING, logger="archive.dimse"):
+            runscp.open_database()  # logged, not raised: each association connects again
+    assert "cannot be reached" in caplog.text and closed == [True, True]
