@@ -137,11 +137,20 @@ def ingest_stream(stream: BinaryIO, source: Source, expected: Expected | None = 
     return ingest_file(temp, source, take=True, expected=expected)
 
 
-def ingest_file(path: Path | str, source: Source, *, take: bool = False, expected: Expected | None = None) -> IngestResult:
+def ingest_file(
+    path: Path | str,
+    source: Source,
+    *,
+    take: bool = False,
+    expected: Expected | None = None,
+    sha256: str | None = None,
+) -> IngestResult:
     """Store the DICOM Part 10 file at ``path``.
 
     With ``take`` the file is ours to move into the archive (or delete): the SCP passes
-    the file pynetdicom received into. Otherwise it is copied and left where it is.
+    the file it received into, and ``sha256``, the file's digest when it was worked out
+    while the file was written (else it is worked out here). Otherwise the file is copied
+    and left where it is.
     Never raises for bad input or a failing disk or database: the result says what happened.
     """
     path = Path(path)
@@ -153,7 +162,7 @@ def ingest_file(path: Path | str, source: Source, *, take: bool = False, expecte
         elif not take:
             with open(path, "rb") as handle:
                 temp = storage.copy_to_temp(handle)
-        return _ingest_temp(temp, source, expected)
+        return _ingest_temp(temp, source, expected, sha256 if take else None)
     except _Reject as exc:
         return IngestResult(exc.outcome, exc.reason)
     except OSError as exc:
@@ -171,8 +180,8 @@ def _io_failure(exc: OSError) -> IngestResult:
     return IngestResult(Outcome.FAILED, f"storage I/O error: {exc.strerror or exc}")
 
 
-def _ingest_temp(temp: Path, source: Source, expected: Expected | None) -> IngestResult:
-    with storage.mapped(temp) as (data, size, sha256):
+def _ingest_temp(temp: Path, source: Source, expected: Expected | None, known_sha256: str | None = None) -> IngestResult:
+    with storage.mapped(temp, known_sha256) as (data, size, sha256):
         try:
             header, metadata = rawheader.indexed(data, size)
         except DicomFileError as exc:

@@ -103,11 +103,13 @@ def copy_to_temp(source: BinaryIO) -> Path:
 
 
 @contextlib.contextmanager
-def mapped(path: Path) -> Iterator[tuple[Any, int, str]]:
+def mapped(path: Path, sha256: str | None = None) -> Iterator[tuple[Any, int, str]]:
     """Map a file read-only: yield (a seekable view, size, SHA-256).
 
     One mapping serves the digest and the header parse, so a file is read once. (Hashing
     on another thread while parsing was measured slower: the GIL hand-offs cost more.)
+    A digest already known (worked out while the file was written) is taken as it is, and
+    the header parse then reads only the pages it needs.
     The file is flushed to disk when it is put in place (``link_into_place``, ``publish``).
     """
     with open(path, "rb") as handle:
@@ -116,7 +118,7 @@ def mapped(path: Path) -> Iterator[tuple[Any, int, str]]:
             yield io.BytesIO(b""), 0, hashlib.sha256(b"").hexdigest()
             return
         with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
-            yield view, size, hashlib.sha256(view).hexdigest()
+            yield view, size, sha256 or hashlib.sha256(view).hexdigest()
 
 
 def _libc_sync_file_range() -> Any:

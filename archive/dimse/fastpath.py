@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import io
 import logging
 import os
@@ -317,9 +318,9 @@ class PacsDUL(DULServiceProvider):
         negotiations = getattr(self.assoc.ae, "pacs_negotiations", None)
         if negotiations is None or not self.inline or not negotiations.may_answer(self.assoc):
             return None
-        known = negotiations.get(request)
+        known = negotiations.get(request) or negotiations.wait_or_lead(request)
         if known is None:
-            return None
+            return None  # this association negotiates; its answer settles the request (_send)
         raw = self.socket.socket  # type: ignore[union-attr]
         try:
             raw.sendall(known.answer)
@@ -377,6 +378,8 @@ class PacsDUL(DULServiceProvider):
         if isinstance(pdu, A_ASSOCIATE_AC) and negotiations is not None and negotiations.may_answer(self.assoc):
             known = Known(data, self._request_pdu, Outcome.of(self.assoc), _copy_primitive(self.assoc.requestor.primitive))
             negotiations.put(request, known, self.assoc.pacs_generation)
+        if negotiations is not None:
+            negotiations.settle(request)  # associations waiting for this negotiation go on
         if self.socket is not None:
             self.socket.send(data)
             evt.trigger(self.assoc, evt.EVT_PDU_SENT, {"pdu": pdu})
@@ -431,9 +434,14 @@ class PacsDUL(DULServiceProvider):
             self.close_wake()
 
     def close_wake(self) -> None:
-        """Close the wake-up socket pair (the thread that reads it ends)."""
+        """Close the wake-up socket pair (the thread that reads it ends). An association that
+        ends before answering its request lets those waiting for its negotiation go on."""
         self._wake_r.close()
         self._wake_w.close()
+        request, self._request = self._request, None
+        negotiations = getattr(self.assoc.ae, "pacs_negotiations", None)
+        if request is not None and negotiations is not None:
+            negotiations.settle(request)
 
     def wake(self) -> None:
         """Make the reactor look at its queues now."""
@@ -580,7 +588,9 @@ class _NotFast(Exception):
 
 class FastStore:
     """A C-STORE-RQ read by ``PacsDIMSE`` (PS3.7 9.3.1.1): its command set, decoded by
-    ``wire``, and the Part 10 file its data set was written into as it arrived."""
+    ``wire``, and the Part 10 file its data set was written into as it arrived, with the
+    file's SHA-256 worked out on the way (each fragment hashed while it is still in the
+    processor's cache, instead of the whole file read back for it afterwards)."""
 
     kind = "C-STORE"
 
@@ -590,14 +600,18 @@ class FastStore:
         self.file = file
         self.writeback = writeback  # ae.pacs_writeback: start writing the received file to disk
         self.size = file.tell()
+        self._digest = hashlib.sha256() if self.size == 0 else None  # of every byte written here
+        self.sha256: str | None = None  # the whole file's, once done
 
     @property
     def path(self) -> str:
         return self.file.name  # type: ignore[return-value]
 
-    def write(self, fragment: memoryview) -> None:
+    def write(self, fragment: bytes | memoryview) -> None:
         self.file.write(fragment)
         self.size += len(fragment)
+        if self._digest is not None:
+            self._digest.update(fragment)
 
     def done(self) -> None:
         # The whole file is handed to the disk once, when its last fragment is in: one
@@ -605,6 +619,8 @@ class FastStore:
         if self.writeback is not None:
             self.writeback(self.file.fileno(), 0, self.size)
         self.file.close()
+        if self._digest is not None:
+            self.sha256 = self._digest.hexdigest()
 
     def discard(self) -> None:
         self.file.close()
@@ -760,9 +776,9 @@ class PacsDIMSE(DIMSEServiceProvider):
             str(pynetdicom.PYNETDICOM_IMPLEMENTATION_UID),
             pynetdicom.PYNETDICOM_IMPLEMENTATION_VERSION,
         )
-        file = ReceiveFile()
-        file.write(b"\x00" * 128 + b"DICM" + meta)
-        return FastStore(command, context_id, file, getattr(self.assoc.ae, "pacs_writeback", None))
+        store = FastStore(command, context_id, ReceiveFile(), getattr(self.assoc.ae, "pacs_writeback", None))
+        store.write(b"\x00" * 128 + b"DICM" + meta)
+        return store
 
     def _write(self, values: Any) -> None:
         store = self._store
@@ -981,7 +997,7 @@ class PacsAssociation(pynetdicom_association.Association):
             self.dimse.cancel_req = {}
             self._is_paused = True
             try:
-                result = self.ae.pacs_store(self, Path(path), sop_class, sop_instance)
+                result = self.ae.pacs_store(self, Path(path), sop_class, sop_instance, sha256=request.sha256)
             except Exception as exc:  # noqa: BLE001 - as pynetdicom: a failing handler is 0xC211
                 log.exception("C-STORE handler failed: %s", exc)
                 result = 0xC211
@@ -1166,16 +1182,46 @@ class Negotiations:
 
     NEGOTIATION_EVENTS = (evt.EVT_USER_ID, evt.EVT_SOP_EXTENDED, evt.EVT_SOP_COMMON, evt.EVT_ASYNC_OPS)
 
+    # How long an association waits for another's negotiation of the same request (which
+    # takes 5-10 ms for a modality's hundred presentation contexts) before it negotiates
+    # itself; a negotiation older than this is no longer waited for.
+    WAIT = 0.5
+
     def __init__(self, size: int = 256) -> None:
         self._answers: dict[bytes, Known] = {}
         self._lock = threading.Lock()
         self.size = size
         self.generation = 0  # counts clears: an association built before one keeps no answer
         self._defaults_of = -1  # the generation whose associations have the default handlers
+        self._negotiating: dict[bytes, tuple[threading.Event, float]] = {}  # request -> (settled, since)
 
     def get(self, request: bytes) -> Known | None:
         """The known answer to a request's bytes, or None."""
         return self._answers.get(request)
+
+    def wait_or_lead(self, request: bytes) -> Known | None:
+        """For a request with no known answer: when another association of this process is
+        negotiating these very bytes (a sender opening several associations at once), wait
+        for its answer (at most ``WAIT``) and return it; else None, and the caller
+        negotiates, then calls ``settle``. One negotiation instead of one per association."""
+        now = time.monotonic()
+        with self._lock:
+            known = self._answers.get(request)
+            if known is not None:
+                return known
+            negotiating = self._negotiating.get(request)
+            if negotiating is None or now - negotiating[1] > self.WAIT:
+                self._negotiating[request] = (threading.Event(), now)
+                return None
+        negotiating[0].wait(max(0.0, self.WAIT - (now - negotiating[1])))
+        return self._answers.get(request)
+
+    def settle(self, request: bytes) -> None:
+        """``request`` has been answered (accepted or rejected): wake whoever waits for it."""
+        with self._lock:
+            negotiating = self._negotiating.pop(request, None)
+        if negotiating is not None:
+            negotiating[0].set()
 
     def put(self, request: bytes, answer: Known, generation: int) -> None:
         """Keep ``answer``, given by an association built at ``generation``."""

@@ -103,10 +103,17 @@ def handle_store(event: events.Event, stats_for, in_flight: InFlight) -> int | D
 
 
 def store_file(
-    assoc: Any, path: Path, sop_class_uid: str, sop_instance_uid: str, stats_for, in_flight: InFlight
+    assoc: Any,
+    path: Path,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    stats_for,
+    in_flight: InFlight,
+    sha256: str | None = None,
 ) -> int | Dataset:
     """Store the received Part 10 file at ``path`` (PS3.4 B.2.2, the C-STORE SCP) and return
-    the response's status: a code, or a status dataset with an Error Comment."""
+    the response's status: a code, or a status dataset with an Error Comment. ``sha256``:
+    the file's digest, when it was worked out while the file was written."""
     if not in_flight.begin():
         path.unlink(missing_ok=True)
         stats_for(assoc).count(Outcome.OUT_OF_RESOURCES)
@@ -120,7 +127,7 @@ def store_file(
         return _failure(status.NOT_AUTHORIZED, f"calling AE title {stats.calling_ae} may not store")
     try:
         expected = Expected(sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid)
-        result = ingest_file(path, source_of(assoc), take=True, expected=expected)
+        result = ingest_file(path, source_of(assoc), take=True, expected=expected, sha256=sha256)
     finally:
         in_flight.end()
     stats.count(result.outcome, time.perf_counter() - started, result.series_id)

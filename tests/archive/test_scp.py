@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import logging
 import os
@@ -344,11 +345,13 @@ def test_c_stores_are_read_by_the_fast_path_and_kept_byte_for_byte(
     from archive.dimse import fastpath
 
     taken = []
+    stores = []
     start = fastpath.PacsDIMSE._start
 
     def counting(self, command, context_id):
         store = start(self, command, context_id)
         taken.append(command["AffectedSOPInstanceUID"])
+        stores.append(store)
         return store
 
     monkeypatch.setattr(fastpath.PacsDIMSE, "_start", counting)
@@ -376,6 +379,11 @@ def test_c_stores_are_read_by_the_fast_path_and_kept_byte_for_byte(
         assert stored[wire.dataset_offset(stored) :] == sent[wire.dataset_offset(sent) :]
         meta = pydicom.dcmread(io.BytesIO(stored)).file_meta
         assert (meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID) == (uid, ExplicitVRLittleEndian)
+    # The SHA-256 worked out while each file was received is the stored file's, and kept.
+    for store in stores:
+        instance = Instance.objects.get(sop_instance_uid=store.command["AffectedSOPInstanceUID"])
+        assert store.sha256 == instance.file_sha256
+        assert instance.file_sha256 == hashlib.sha256(storage.absolute(instance.file_path).read_bytes()).hexdigest()
     assert_consistent(storage_dir)
 
 
@@ -567,6 +575,35 @@ def test_a_known_association_request_is_answered_before_its_negotiation(scp: Scp
     result = run_dcmtk("echoscu", "-aec", "PACSPORTAL", "127.0.0.1", str(scp.port))
     assert result.returncode == 0, result.stderr
     assert early[-2:] == [False, True]
+
+
+def test_associations_asking_at_once_with_the_same_request_are_negotiated_once(scp: Scp, monkeypatch) -> None:
+    from pynetdicom import acse
+
+    negotiated: list[int] = []
+    original = acse.ACSE._negotiate_as_acceptor
+
+    def slow(self) -> None:
+        negotiated.append(threading.get_ident())
+        time.sleep(0.2)  # the other requests arrive while this one is negotiated
+        original(self)
+
+    monkeypatch.setattr(acse.ACSE, "_negotiate_as_acceptor", slow)
+    results: list[bool] = []
+
+    def one() -> None:
+        assoc = associate(scp, calling="BURST")
+        results.append(assoc.is_established and assoc.send_c_echo().Status == status.SUCCESS)
+        assoc.release()
+
+    threads = [threading.Thread(target=one) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert results == [True, True, True]
+    assert len(negotiated) == 1  # the two others waited for its answer and replayed it
+    assert associate(scp, calling="BURST2").is_established and len(negotiated) == 2  # other bytes
 
 
 def test_a_known_request_replays_the_negotiation_that_answered_it(scp: Scp, monkeypatch) -> None:
