@@ -10,14 +10,16 @@ with DCMTK ``storescu`` over one association and over four parallel associations
   no database): the plain-Python ceiling,
 * Orthanc (``/usr/sbin/Orthanc`` with a temporary configuration).
 
-Every run gets a fresh, empty store. The time is from the first ``storescu`` start to the
-last ``storescu`` exit; each measurement is repeated (best kept) and every run is checked
+Every run gets a fresh, empty store, then a warm-up (``--warm-up``, 20 slices of another
+patient's study by default, untimed, over the same number of associations): the timed
+series meets a receiver that has served, as a running archive has, not its start. The time
+is from the first ``storescu`` start to the last ``storescu`` exit; each measurement is repeated (best kept) and every run is checked
 to have stored all the instances. The table is printed and written as markdown to
 ``bench/results/ingest-<timestamp>.md``.
 
 Usage::
 
-    .venv/bin/python bench/ingest.py [--quick] [--db sqlite|postgres|both]
+    .venv/bin/python bench/ingest.py [--quick] [--db sqlite|postgres|both] [--warm-up N]
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "bench" / "results"
 HOST = "127.0.0.1"
 SLICES = 200
+# Slices of another study sent to each receiver before the timed series (measure()).
+WARM_UP_SLICES = 20
 ROWS = COLUMNS = 512
 PARALLEL = 4
 CALLING_AE = "BENCHSCU"
@@ -337,8 +341,9 @@ def wait_for_echo(
 # --------------------------------------------------------------------------- data set
 
 
-def build_series(folder: Path, slices: int = SLICES) -> Series:
-    """Write a CT series of ``slices`` 512x512 16-bit images (Explicit VR Little Endian)."""
+def build_series(folder: Path, slices: int = SLICES, patient: tuple[str, str] = ("Bench^Ingest", "BENCH-INGEST")) -> Series:
+    """Write a CT series of ``slices`` 512x512 16-bit images (Explicit VR Little Endian) of
+    ``patient`` (name, ID)."""
     folder.mkdir(parents=True, exist_ok=True)
     study_uid, series_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
     # A 12-bit pattern (gradient plus rings); each slice is the pattern rolled by a few rows.
@@ -376,8 +381,7 @@ def build_series(folder: Path, slices: int = SLICES) -> Series:
         ds.ReferringPhysicianName = ""
         ds.StudyDescription = "Ingest benchmark"
         ds.SeriesDescription = f"Synthetic CT {slices} slices"
-        ds.PatientName = "Bench^Ingest"
-        ds.PatientID = "BENCH-INGEST"
+        ds.PatientName, ds.PatientID = patient
         ds.PatientBirthDate = "19700101"
         ds.PatientSex = "O"
         ds.SliceThickness = "1.0"
@@ -635,8 +639,20 @@ def send(files: list[Path], associations: int, ae_title: str, port: int, process
     return elapsed
 
 
-def measure(config: Config, series: Series, work: Path, processes: Processes, pg: PostgresAdmin | None) -> float:
-    """One run of ``config`` against a fresh receiver; return the elapsed seconds."""
+def measure(
+    config: Config,
+    series: Series,
+    work: Path,
+    processes: Processes,
+    pg: PostgresAdmin | None,
+    warm_up: Series | None = None,
+) -> float:
+    """One run of ``config`` against a fresh receiver; return the elapsed seconds.
+
+    ``warm_up``, another patient's study, is sent first over the same number of
+    associations, untimed: a receiver that has served before, as a running archive has,
+    rather than its start (a new process's first associations negotiate and connect).
+    """
     run_dir = Path(tempfile.mkdtemp(prefix=f"run-{config.kind}-", dir=work))
     receiver: Receiver | None = None
     try:
@@ -647,6 +663,10 @@ def measure(config: Config, series: Series, work: Path, processes: Processes, pg
         else:
             receiver = PacsReceiver(config, run_dir, processes, pg)
         receiver.start()
+        sent = 0
+        if warm_up is not None:
+            send(warm_up.files, config.associations, receiver.ae_title, receiver.port, processes, run_dir)
+            sent = len(warm_up.files)
         # Start every run with no dirty pages left by the one before (the naive receiver
         # does not fsync its files): their writeback would otherwise slow this run's fsyncs.
         # PostgreSQL's own dirty buffers (the migrations just run, the database dropped by
@@ -656,9 +676,9 @@ def measure(config: Config, series: Series, work: Path, processes: Processes, pg
         os.sync()
         seconds = send(series.files, config.associations, receiver.ae_title, receiver.port, processes, run_dir)
         stored = receiver.count()
-        if stored != len(series.files):
+        if stored != sent + len(series.files):
             raise BenchError(
-                f"the receiver holds {stored} instances after the run, expected {len(series.files)}:\n"
+                f"the receiver holds {stored} instances after the run, expected {sent + len(series.files)}:\n"
                 f"{tail(receiver.log_path)}"
             )
         return seconds
@@ -835,7 +855,8 @@ def write_markdown(
         f"{series.total_bytes / MB:.1f} MB; MB = 10^6 bytes",
         f"- sender: DCMTK storescu with TCP_NODELAY=1, 1 association or {PARALLEL} parallel associations",
         f"- best of {args.repeats} run(s) per row, each run on a fresh empty store, interleaved round by round; "
-        "'median of rounds': the median, over the rounds, of the row's rate over Orthanc's in the same round; "
+        + (f"each receiver first sent {args.warm_up} slices of another patient's study, untimed, over the run's associations; " if args.warm_up else "no warm-up; ")
+        + "'median of rounds': the median, over the rounds, of the row's rate over Orthanc's in the same round; "
         "'95% interval': a bootstrap interval of that median (with 5 rounds or more)",
         f"- machine: {os.cpu_count()} CPUs, {platform.platform()}; "
         f"load average at the start {args.load_start}, at the end {load_average()}",
@@ -868,7 +889,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--db", choices=["sqlite", "postgres", "both"], default="sqlite", help="pacsportal's database (default: sqlite)"
     )
     parser.add_argument("--pg-admin-url", default=DEFAULT_PG_ADMIN_URL, help="where to create the throw-away databases")
+    parser.add_argument(
+        "--warm-up",
+        type=int,
+        default=WARM_UP_SLICES,
+        help=f"slices of another patient's study sent, untimed, to each started receiver before the timed series (default: {WARM_UP_SLICES}; 0: none)",
+    )
     args = parser.parse_args(argv)
+    if args.warm_up < 0:
+        parser.error("--warm-up must be 0 or more")
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     args.repeats = 1 if args.quick else args.rounds
@@ -915,6 +944,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"building {SLICES} CT slices in {work} ...", flush=True)
         series = build_series(work / "series")
         print(f"  {len(series.files)} files, {series.total_bytes / MB:.1f} MB", flush=True)
+        warm_up = build_series(work / "warm-up", args.warm_up, ("Bench^WarmUp", "BENCH-WARMUP")) if args.warm_up else None
         configs = [
             config for config in configurations(args.db)
             if args.associations == "both" or config.associations == int(args.associations)
@@ -927,7 +957,7 @@ def main(argv: list[str] | None = None) -> int:
                 label = f"[{repeat}/{args.repeats}] {config.receiver}, {config.database}, {config.associations} assoc."
                 print(f"{label} ...", end=" ", flush=True)
                 try:
-                    seconds = measure(config, series, work, processes, pg)
+                    seconds = measure(config, series, work, processes, pg, warm_up)
                 except (BenchError, OSError, subprocess.SubprocessError, psycopg.Error) as exc:
                     results[config].errors.append(str(exc))
                     print(f"ERROR\n{textwrap.indent(str(exc), '    ')}", flush=True)
