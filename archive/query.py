@@ -675,12 +675,16 @@ def _modalities(value: Any) -> Any:
     return [m for m in value.split("\\") if m]
 
 
+# How a date or time column's value (not None) becomes its attribute's DICOM value, by VR.
+_CONVERSIONS = {"DA": _da_text, "TM": _tm_text}
+
+
 def _conversion(attribute: Attribute) -> Any:
     """How a column's value (not None) becomes the attribute's DICOM value: DA and TM
     formatted, ModalitiesInStudy split; None for the rest (text and numbers, as they are)."""
     if attribute.keyword == "ModalitiesInStudy":
         return _modalities
-    return {"DA": _da_text, "TM": _tm_text}.get(attribute.vr)
+    return _CONVERSIONS.get(attribute.vr)
 
 
 def _header_value(header: dict, keyword: str) -> Any:

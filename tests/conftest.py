@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -155,6 +156,16 @@ def dcmtk(tool: str) -> str:
 def run_dcmtk(tool: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     env = dict(os.environ, TCP_NODELAY="1")
     return subprocess.run([dcmtk(tool), *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def run_together(targets: list, timeout: float = 30) -> None:
+    """Start a thread for each of ``targets`` (callables), all before any is joined; wait
+    for them (at most ``timeout`` seconds each)."""
+    threads = [threading.Thread(target=target) for target in targets]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
 
 
 def make_user(username: str, *roles: str, password: str | None = None, **fields):

@@ -17,7 +17,7 @@ from archive import render
 from archive.dicom import json_header
 from archive.ingest import Source, ingest_bytes
 from archive.models import Instance
-from tests.conftest import make_dataset, part10
+from tests.conftest import make_dataset, part10, run_together
 
 TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
 
@@ -286,8 +286,6 @@ def test_a_window_given_by_the_caller_keeps_monochrome1_inverted() -> None:
 def test_prerender_tasks_of_one_series_at_once_render_each_frame_once(monkeypatch) -> None:
     """A series stored over several associations queues a task from each: run at once,
     they must not render the same frames side by side."""
-    import threading
-
     from archive.tasks import prerender_series
 
     series_uid = pydicom.uid.generate_uid()
@@ -309,11 +307,7 @@ def test_prerender_tasks_of_one_series_at_once_render_each_frame_once(monkeypatc
         finally:
             connection.close()
 
-    threads = [threading.Thread(target=task) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    run_together([task] * 2)
     frames = [r for r in rendered if r[2] in ("preview", "packed")]
     assert len(frames) == len(set(frames)) == 4 * 2  # preview and packed, each once
     assert sorted(made) == [0, 4 * 2 + 1]  # the second found everything done

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import io
 import logging
@@ -24,7 +25,7 @@ from archive.dimse import status, wire
 from archive.dimse.server import Scp
 from archive.models import Instance, Patient, Series, Study
 from tests.archive.test_ingest import assert_consistent
-from tests.conftest import SOP_FOR_MODALITY, make_dataset, run_dcmtk, write_part10
+from tests.conftest import SOP_FOR_MODALITY, make_dataset, run_dcmtk, run_together, write_part10
 
 
 def associate(
@@ -185,11 +186,7 @@ def test_two_associations_storing_into_one_study_keep_exact_counts(scp: Scp, sto
                 failures.append(reply.Status)
         assoc.release()
 
-    threads = [threading.Thread(target=send, args=(n,)) for n in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_together([functools.partial(send, n) for n in (0, 1)], timeout=120)
     assert failures == []
     study = Study.objects.get(study_instance_uid=study_uid)
     assert study.number_of_study_related_instances == 30
@@ -596,11 +593,7 @@ def test_associations_asking_at_once_with_the_same_request_are_negotiated_once(s
         results.append(assoc.is_established and assoc.send_c_echo().Status == status.SUCCESS)
         assoc.release()
 
-    threads = [threading.Thread(target=one) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(10)
+    run_together([one] * 3, timeout=10)
     assert results == [True, True, True]
     assert len(negotiated) == 1  # the two others waited for its answer and replayed it
     assert associate(scp, calling="BURST2").is_established and len(negotiated) == 2  # other bytes

@@ -3,6 +3,7 @@ the events each web access writes, sign-in throttling, and the exports for audit
 
 from __future__ import annotations
 
+import functools
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -17,7 +18,7 @@ from archive.ingest import Source, ingest_bytes
 from archive.models import Instance, RemoteNode
 from audit.models import AppendOnlyError, AuditEvent
 from audit.services import verify_chain
-from tests.conftest import make_dataset, make_user, part10
+from tests.conftest import make_dataset, make_user, part10, run_together
 
 
 def events(**filters) -> list[AuditEvent]:
@@ -252,8 +253,6 @@ def test_an_idle_session_expires(db, settings) -> None:
 
 
 def test_concurrent_writers_keep_one_unbroken_chain(transactional_db) -> None:
-    import threading
-
     from django.db import connection as thread_connection
 
     errors: list[BaseException] = []
@@ -267,10 +266,6 @@ def test_concurrent_writers_keep_one_unbroken_chain(transactional_db) -> None:
         finally:
             thread_connection.close()
 
-    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_together([functools.partial(writer, n) for n in range(4)], timeout=120)
     assert errors == []
     assert verify_chain() == (80, None)
